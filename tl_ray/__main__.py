@@ -1,0 +1,3 @@
+from tl_ray.cli.app import console_main
+
+console_main()

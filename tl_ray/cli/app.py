@@ -1,0 +1,68 @@
+"""The `tl-ray` command: a typer app; each command lives in its own small module."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import typer
+
+from tl_ray.errors import TLRayError
+
+__all__ = ["app", "emit", "main"]
+
+app = typer.Typer(
+    name="tl-ray",
+    help="Transfer learning on Ray: fine-tune pretrained backbones, search, and serve.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+_state = {"debug": False}
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    _state["debug"] = debug
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def emit(payload: Any) -> None:
+    """Print one JSON line to stdout (the machine-readable output of every command)."""
+    print(json.dumps(payload, sort_keys=True), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: TLRayError becomes one line on stderr and exit code 2."""
+    from tl_ray.cli import evaluate, predict, train  # noqa: F401  (registers commands)
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app(args=argv, standalone_mode=False)
+    except TLRayError as error:
+        if _state["debug"]:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except typer.Exit as done:
+        return done.exit_code
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        return 130
+    except Exception as error:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(error, click.ClickException):
+            error.show()
+            return error.exit_code
+        raise
+    return 0
+
+
+def console_main() -> None:
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Typed run configuration, validated once at the boundary.
+
+Example:
+    >>> cfg = load_config("examples/minilm-sentiment.yaml", overrides=["train.epochs=1"])
+    >>> cfg.backbone.kind
+    'hf-text'
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from tl_ray.errors import ConfigError
+
+__all__ = [
+    "BackboneConfig",
+    "DataConfig",
+    "HFTextConfig",
+    "RunConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "load_config",
+    "parse_backbone",
+    "parse_config",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    """Where the labeled examples are and how to read them."""
+
+    path: str
+    text_column: str = "text"
+    label_column: str = "label"
+    validation_split: float | None = Field(default=0.1, gt=0.0, lt=1.0)
+    validation_path: str | None = None
+    encoding: str = "utf-8"
+    empty_text: Literal["skip", "error"] = "skip"
+
+    @model_validator(mode="after")
+    def _one_validation_source(self) -> "DataConfig":
+        if self.validation_path is not None and "validation_split" in self.model_fields_set:
+            raise ValueError("give data.validation_split or data.validation_path, not both")
+        return self
+
+
+class HFTextConfig(_Strict):
+    """A Hugging Face transformer encoder with a new classification head.
+
+    `unfreeze_depth` k trains the top k encoder layers (plus pooler and head); 0 trains only
+    the head; None or the layer count trains everything, embeddings included. `pooling`
+    `auto` picks masked mean for sentence-transformers folders and the [CLS] pooler otherwise.
+    """
+
+    kind: Literal["hf-text"] = "hf-text"
+    name_or_path: str = "minilm"
+    unfreeze_depth: int | None = Field(default=None, ge=0)
+    mode: Literal["finetune", "lora"] = "finetune"
+    lr_decay: float = Field(default=1.0, gt=0.0, le=1.0)
+    pooling: Literal["auto", "cls", "mean"] = "auto"
+    head_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    lora_rank: int = Field(default=8, ge=1)
+    lora_alpha: int = Field(default=16, ge=1)
+    lora_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    lora_target_modules: list[str] | None = None
+
+
+DEFAULT_KIND = "hf-text"
+BackboneConfig = Annotated[Union[HFTextConfig], Field(discriminator="kind")]
+
+
+class TrainConfig(_Strict):
+    """Optimisation and scaling settings of one training run."""
+
+    lr: float = Field(default=5e-5, gt=0.0)
+    weight_decay: float = Field(default=0.01, ge=0.0)
+    warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
+    grad_clip: float | None = Field(default=1.0, gt=0.0)
+    epochs: int = Field(default=3, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    max_length: int = Field(default=128, ge=8)
+    num_workers: int = Field(default=1, ge=1)
+    cpus_per_worker: float = Field(default=1.0, gt=0.0)
+    use_gpu: bool = False
+    seed: int = 0
+    metric: Literal["val_accuracy", "val_f1", "val_loss"] = "val_accuracy"
+    keep_checkpoints: int = Field(default=1, ge=1)
+    max_failures: int = Field(default=2, ge=0)
+
+    @property
+    def metric_mode(self) -> str:
+        return "min" if self.metric == "val_loss" else "max"
+
+
+class RunConfig(_Strict):
+    """A whole training run: data, backbone, optimisation, and where results go."""
+
+    data: DataConfig
+    backbone: BackboneConfig = Field(default_factory=HFTextConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: str = "runs/latest"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_kind(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and isinstance(raw.get("backbone"), dict):
+            raw = {**raw, "backbone": {"kind": DEFAULT_KIND, **raw["backbone"]}}
+        return raw
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    if first["type"] == "extra_forbidden":
+        return f"unknown key '{where}'; check its spelling against the README's config reference"
+    if first["type"] == "missing":
+        return f"missing required key '{where}'"
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"{where}: {first['msg']}{shown}"
+
+
+def parse_config(raw: dict[str, Any]) -> RunConfig:
+    """Validate a plain dict (e.g. parsed YAML or `model_dump()`) into a RunConfig."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+
+
+def parse_backbone(raw: dict[str, Any]) -> Any:
+    """Validate a backbone section alone (as stored in a checkpoint manifest)."""
+    try:
+        return TypeAdapter(BackboneConfig).validate_python({"kind": DEFAULT_KIND, **raw})
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.path=value` overrides (values parsed as YAML) to a nested dict copy.
+
+    >>> apply_overrides({"train": {"lr": 1e-4}}, ["train.lr=3e-5", "train.epochs=2"])
+    {'train': {'lr': 3e-05, 'epochs': 2}}
+    """
+    result = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key.path=value, got {item!r}")
+        parts = key.strip().split(".")
+        node = result
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: '{part}' is a value, not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    return result
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config file, apply `--set` overrides, and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping with data/backbone/train/output keys")
+    return parse_config(apply_overrides(raw, overrides or []))

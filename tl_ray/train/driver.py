@@ -1,0 +1,133 @@
+"""Launch one Ray Train run for a RunConfig and export its best checkpoint.
+
+Example:
+    >>> outcome = train(load_config("examples/minilm-sentiment.yaml"))  # doctest: +SKIP
+    >>> outcome.model_dir                                               # doctest: +SKIP
+    PosixPath('runs/minilm-sentiment/model')
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from tl_ray.config import RunConfig
+from tl_ray.data import Datasets, load_datasets
+from tl_ray.errors import TLRayError
+from tl_ray.train.checkpoint import export_model_folder
+from tl_ray.train.loop import train_loop_per_worker
+
+__all__ = ["TrainOutcome", "build_trainer", "ensure_ray", "train"]
+
+log = logging.getLogger("tl_ray.train")
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Join the cluster at `address` / RAY_ADDRESS, or start an embedded local Ray."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+
+
+class _EpochPrinter(ray.train.UserCallback):
+    """Hands each reported epoch's metrics to `on_epoch` on the driver."""
+
+    def __init__(self, on_epoch: Callable[[dict[str, Any]], None]) -> None:
+        self.on_epoch = on_epoch
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:  # noqa: ANN001
+        self.on_epoch(dict(metrics[0]))
+
+
+def build_trainer(
+    cfg: RunConfig,
+    datasets: Datasets,
+    *,
+    storage_path: str,
+    name: str,
+    callbacks: list[Any] | None = None,
+) -> TorchTrainer:
+    """A TorchTrainer for `cfg`: datasets stream to workers through Ray Data."""
+    tcfg = cfg.train
+    data_context = ray.data.DataContext.get_current()
+    data_context.enable_progress_bars = False
+    data_context.print_on_execution_start = False
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "run": cfg.model_dump(),
+            "labels": list(datasets.labels.labels),
+            "train_rows": datasets.train.num_rows,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=tcfg.num_workers,
+            use_gpu=tcfg.use_gpu,
+            resources_per_worker={"CPU": tcfg.cpus_per_worker, **({"GPU": 1} if tcfg.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=tcfg.keep_checkpoints,
+                checkpoint_score_attribute=tcfg.metric,
+                checkpoint_score_order=tcfg.metric_mode,
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
+            callbacks=callbacks or [],
+        ),
+        datasets={
+            "train": ray.data.from_arrow(datasets.train),
+            "validation": ray.data.from_arrow(datasets.validation),
+        },
+    )
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """Where the best model went and how it scored."""
+
+    model_dir: Path
+    checkpoint_dir: str
+    metrics: dict[str, Any]
+
+
+def train(
+    cfg: RunConfig,
+    *,
+    address: str | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainOutcome:
+    """Fine-tune `cfg.backbone` on `cfg.data`; the best checkpoint is exported to OUTPUT/model."""
+    datasets = load_datasets(cfg.data, seed=cfg.train.seed)
+    ensure_ray(address)
+    output = Path(cfg.output).expanduser().resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    trainer = build_trainer(
+        cfg,
+        datasets,
+        storage_path=str(output),
+        name="train",
+        callbacks=[_EpochPrinter(on_epoch)] if on_epoch else None,
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        cause = error.__cause__ or error
+        if isinstance(cause, TLRayError):
+            raise cause from None
+        raise
+    best = result.get_best_checkpoint(cfg.train.metric, cfg.train.metric_mode) or result.checkpoint
+    if best is None:
+        raise TLRayError("training reported no checkpoint; see the worker logs above")
+    model_dir = export_model_folder(best.path, output / "model")
+    from tl_ray.train.checkpoint import read_manifest
+
+    return TrainOutcome(model_dir, best.path, read_manifest(model_dir)["metrics"])

@@ -1,0 +1,167 @@
+"""The per-worker training loop: setup, data, model, optimizer, then epochs.
+
+Ray appears only where the loop gets its data shard, prepares the model for DDP, and
+reports metrics with a checkpoint; everything else is plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+from torch import nn
+
+from tl_ray.backbones.registry import get_backbone
+from tl_ray.config import parse_config
+from tl_ray.data import LabelMap
+from tl_ray.train.checkpoint import TRAIN_STATE_FILE, write_model_folder
+from tl_ray.train.metrics import ClassificationTally
+
+__all__ = ["train_loop_per_worker"]
+
+
+def _batches(shard: Any, batch_size: int, seed: int | None) -> Iterator[dict[str, np.ndarray]]:
+    shuffle = {"local_shuffle_buffer_size": 4 * batch_size, "local_shuffle_seed": seed}
+    yield from shard.iter_batches(
+        batch_size=batch_size, batch_format="numpy", **(shuffle if seed is not None else {})
+    )
+
+
+def _linear_warmup(total_steps: int, warmup_ratio: float):
+    warmup = int(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return factor
+
+
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Fine-tune one backbone; run by every Ray Train worker with the same `config`.
+
+    `config` holds `run` (a RunConfig.model_dump()), `labels` (label names in id order) and
+    `train_rows` (the size of the training set, for the learning-rate schedule).
+    """
+    # -- setup ----------------------------------------------------------------------------
+    cfg = parse_config(config["run"])
+    tcfg = cfg.train
+    labels = LabelMap(tuple(config["labels"]))
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(tcfg.seed)
+    device = ray.train.torch.get_device()
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    )
+
+    # -- data -----------------------------------------------------------------------------
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("validation")
+    steps_per_epoch = math.ceil(config["train_rows"] / world / tcfg.batch_size)
+    total_steps = steps_per_epoch * tcfg.epochs
+
+    # -- model (fresh, or resumed from the last reported checkpoint) ----------------------
+    backbone = get_backbone(cfg.backbone)
+    checkpoint = ray.train.get_checkpoint()
+    state: dict[str, Any] | None = None
+    if checkpoint is None:
+        model = backbone.build(num_labels=len(labels))
+    else:
+        with checkpoint.as_directory() as folder:
+            model = backbone.load(Path(folder), num_labels=len(labels), trainable=True)
+            state = torch.load(Path(folder) / TRAIN_STATE_FILE, weights_only=False)
+    backbone.apply_unfreeze(model)
+    groups = backbone.param_groups(
+        model, tcfg.lr, tcfg.weight_decay, getattr(cfg.backbone, "lr_decay", 1.0)
+    )
+    trainable = [p for group in groups for p in group["params"]]
+    wrapped = ray.train.torch.prepare_model(model)
+
+    # -- optimizer ------------------------------------------------------------------------
+    optimizer = torch.optim.AdamW(groups)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _linear_warmup(total_steps, tcfg.warmup_ratio)
+    )
+    first_epoch = 1
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        first_epoch = state["epoch"] + 1
+    loss_fn = nn.CrossEntropyLoss()
+
+    # -- loop -----------------------------------------------------------------------------
+    for epoch in range(first_epoch, tcfg.epochs + 1):
+        wrapped.train()
+        started, seen, loss_sum = time.perf_counter(), 0, 0.0
+        for batch in _batches(train_shard, tcfg.batch_size, tcfg.seed + epoch):
+            inputs = backbone.preprocess(list(batch["text"]), tcfg.max_length)
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            targets = torch.tensor(batch["label"], device=device)
+            with autocast:
+                loss = loss_fn(backbone.logits(wrapped, inputs).float(), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tcfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(trainable, tcfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            seen += len(targets)
+            loss_sum += loss.item() * len(targets)
+        elapsed = time.perf_counter() - started
+
+        metrics = _evaluate(wrapped, backbone, val_shard, len(labels), tcfg, device, autocast)
+        totals = _all_reduce(torch.tensor([seen, loss_sum, elapsed], dtype=torch.float64))
+        metrics.update(
+            epoch=epoch,
+            train_loss=float(totals[1] / max(1.0, totals[0])),
+            samples_per_s=float(totals[0] / (totals[2] / world)),
+            lr=scheduler.get_last_lr()[0],
+        )
+        _report(metrics, rank, backbone, model, labels, optimizer, scheduler, epoch, tcfg)
+
+
+@torch.no_grad()
+def _evaluate(model, backbone, shard, num_labels, tcfg, device, autocast) -> dict[str, float]:
+    model.eval()
+    tally = ClassificationTally(num_labels)
+    for batch in _batches(shard, tcfg.batch_size, None):
+        inputs = {k: v.to(device) for k, v in backbone.preprocess(list(batch["text"]), tcfg.max_length).items()}
+        targets = torch.tensor(batch["label"], device=device)
+        with autocast:
+            logits = backbone.logits(model, inputs).float()
+        tally.add(logits.cpu(), targets.cpu())
+    tally.reduce(_all_reduce)
+    return tally.metrics(prefix="val_")
+
+
+def _report(metrics, rank, backbone, model, labels, optimizer, scheduler, epoch, tcfg) -> None:
+    """Report this epoch; rank 0 attaches a resumable, servable checkpoint folder."""
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="tl-ray-ckpt-") as folder:
+        write_model_folder(
+            Path(folder), backbone, model, labels, metrics=metrics, epoch=epoch,
+            extra={"max_length": tcfg.max_length, "train": tcfg.model_dump()},
+        )
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch},
+            Path(folder) / TRAIN_STATE_FILE,
+        )
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
