@@ -315,7 +315,8 @@ def test_load_datasets_one_class_names_file(tmp_path):
         load_datasets(DataConfig(path=str(train), label_column="sentiment"))
 
 
-def test_load_datasets_needs_validation_source(tmp_path):
-    train = write(tmp_path / "train.csv", "text,label\na,pos\nb,neg\n")
-    with pytest.raises(DataError, match="validation_split.*validation_path"):
-        load_datasets(DataConfig(path=str(train), validation_split=None))
+def test_load_datasets_defaults_to_a_tenth_held_out(tmp_path):
+    rows = "".join(f"t{i},{'pos' if i % 2 else 'neg'}\n" for i in range(40))
+    train = write(tmp_path / "train.csv", "text,label\n" + rows)
+    datasets = load_datasets(DataConfig(path=str(train)))
+    assert (datasets.train.num_rows, datasets.validation.num_rows) == (36, 4)

@@ -39,16 +39,23 @@ class DataConfig(_Strict):
     path: str
     text_column: str = "text"
     label_column: str = "label"
-    validation_split: float | None = Field(default=0.1, gt=0.0, lt=1.0)
+    validation_split: float | None = Field(default=None, gt=0.0, lt=1.0)
     validation_path: str | None = None
     encoding: str = "utf-8"
     empty_text: Literal["skip", "error"] = "skip"
 
     @model_validator(mode="after")
     def _one_validation_source(self) -> "DataConfig":
-        if self.validation_path is not None and "validation_split" in self.model_fields_set:
+        if self.validation_path is not None and self.validation_split is not None:
             raise ValueError("give data.validation_split or data.validation_path, not both")
         return self
+
+    @property
+    def split_fraction(self) -> float | None:
+        """The held-out fraction to split off: 0.1 unless a validation file is given."""
+        if self.validation_path is not None:
+            return None
+        return 0.1 if self.validation_split is None else self.validation_split
 
 
 class HFTextConfig(_Strict):

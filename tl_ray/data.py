@@ -372,15 +372,13 @@ def load_datasets(cfg: DataConfig, seed: int = 0) -> Datasets:
 
     >>> ds = load_datasets(DataConfig(path="train.csv", validation_split=0.2), seed=1)  # doctest: +SKIP
     """
-    if cfg.validation_path is None and cfg.validation_split is None:
-        raise DataError("no validation data: set data.validation_split (e.g. 0.1) or data.validation_path")
     options = dict(text_column=cfg.text_column, label_column=cfg.label_column,
                    encoding=cfg.encoding, empty_text=cfg.empty_text)
     train = read_table(cfg.path, **options)
     try:
         labels = LabelMap.from_values(pc.unique(train.column("label")).to_pylist(), column=cfg.label_column)
         if cfg.validation_path is None:
-            train, validation = stratified_split(train, cfg.validation_split, seed)
+            train, validation = stratified_split(train, cfg.split_fraction, seed)
     except DataError as error:
         raise DataError(f"{cfg.path}: {error}") from None
     if cfg.validation_path is not None:

@@ -38,6 +38,10 @@ class Backbone(ABC):
     def num_layers(self) -> int:
         """How many unfreezable layers the backbone has (the maximum unfreeze depth)."""
 
+    def check(self) -> None:
+        """Raise BackboneError now if this config cannot work; cheap, loads no weights."""
+        self.num_layers()
+
     @abstractmethod
     def build(self, num_labels: int) -> "nn.Module":
         """The pretrained network with a new head of `num_labels` outputs."""

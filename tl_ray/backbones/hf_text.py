@@ -113,6 +113,10 @@ class HFTextBackbone(Backbone):
             )
         return depth
 
+    def check(self) -> None:
+        self.depth  # noqa: B018  (validates depth against the layer count)
+        self.tokenizer  # noqa: B018
+
     @cached_property
     def pooling(self) -> str:
         """`mean` for sentence-transformers folders (they are trained for it), else `cls`."""

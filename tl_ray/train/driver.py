@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +19,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from tl_ray.backbones.registry import get_backbone
 from tl_ray.config import RunConfig
 from tl_ray.data import Datasets, load_datasets
 from tl_ray.errors import TLRayError
@@ -83,11 +85,22 @@ def build_trainer(
             failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
             callbacks=callbacks or [],
         ),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         datasets={
             "train": ray.data.from_arrow(datasets.train),
             "validation": ray.data.from_arrow(datasets.validation),
         },
     )
+
+
+def _user_error(error: BaseException) -> TLRayError | None:
+    """The TLRayError a worker raised, if that is why training failed."""
+    failures = list(getattr(error, "worker_failures", {}).values()) + [error.__cause__]
+    for failure in failures:
+        for candidate in (failure, getattr(failure, "cause", None)):
+            if isinstance(candidate, TLRayError):
+                return candidate
+    return None
 
 
 @dataclass(frozen=True)
@@ -107,22 +120,24 @@ def train(
 ) -> TrainOutcome:
     """Fine-tune `cfg.backbone` on `cfg.data`; the best checkpoint is exported to OUTPUT/model."""
     datasets = load_datasets(cfg.data, seed=cfg.train.seed)
+    get_backbone(cfg.backbone).check()  # fail fast on the driver, before any worker starts
     ensure_ray(address)
     output = Path(cfg.output).expanduser().resolve()
     output.mkdir(parents=True, exist_ok=True)
+    # A fresh run name per call: Ray Train resumes a run whose name already has checkpoints.
     trainer = build_trainer(
         cfg,
         datasets,
         storage_path=str(output),
-        name="train",
+        name=time.strftime("train_%Y-%m-%d_%H-%M-%S"),
         callbacks=[_EpochPrinter(on_epoch)] if on_epoch else None,
     )
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as error:
-        cause = error.__cause__ or error
-        if isinstance(cause, TLRayError):
-            raise cause from None
+        user_error = _user_error(error)
+        if user_error is not None:
+            raise user_error from None
         raise
     best = result.get_best_checkpoint(cfg.train.metric, cfg.train.metric_mode) or result.checkpoint
     if best is None:

@@ -72,7 +72,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # -- data -----------------------------------------------------------------------------
     train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("validation")
+    val_data = ray.train.get_dataset_shard("validation")  # not split: see _evaluate
     steps_per_epoch = math.ceil(config["train_rows"] / world / tcfg.batch_size)
     total_steps = steps_per_epoch * tcfg.epochs
 
@@ -125,7 +125,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss_sum += loss.item() * len(targets)
         elapsed = time.perf_counter() - started
 
-        metrics = _evaluate(wrapped, backbone, val_shard, len(labels), tcfg, device, autocast)
+        metrics = _evaluate(model, backbone, val_data, len(labels), tcfg, device, autocast)
         totals = _all_reduce(torch.tensor([seen, loss_sum, elapsed], dtype=torch.float64))
         metrics.update(
             epoch=epoch,
@@ -137,15 +137,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 @torch.no_grad()
-def _evaluate(model, backbone, shard, num_labels, tcfg, device, autocast) -> dict[str, float]:
+def _evaluate(model, backbone, dataset, num_labels, tcfg, device, autocast) -> dict[str, float]:
+    """Exact metrics over the whole validation set: worker r scores batches r, r+W, ..."""
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
     model.eval()
     tally = ClassificationTally(num_labels)
-    for batch in _batches(shard, tcfg.batch_size, None):
-        inputs = {k: v.to(device) for k, v in backbone.preprocess(list(batch["text"]), tcfg.max_length).items()}
-        targets = torch.tensor(batch["label"], device=device)
+    for index, batch in enumerate(_batches(dataset, tcfg.batch_size, None)):
+        if index % world != rank:
+            continue
+        inputs = backbone.preprocess(list(batch["text"]), tcfg.max_length)
+        inputs = {k: v.to(device) for k, v in inputs.items()}
         with autocast:
             logits = backbone.logits(model, inputs).float()
-        tally.add(logits.cpu(), targets.cpu())
+        tally.add(logits.cpu(), torch.tensor(batch["label"]))
     tally.reduce(_all_reduce)
     return tally.metrics(prefix="val_")
 
