@@ -57,6 +57,67 @@ def log(message: str) -> None:
     print(f"[train_throughput] {message}", file=sys.stderr, flush=True)
 
 
+# ------------------------------------------------------------------------------ CPU accounting
+# The machine may be shared (other users' jobs), and Ray runs daemons beside its worker; a
+# snapshot at each window edge of every process's CPU time tells who used the cores.
+
+
+def cpu_snapshot(root_pid: int) -> dict[str, Any]:
+    """Wall time, machine-wide busy CPU-seconds, and CPU-seconds of every process by pid,
+    marking the descendants of `root_pid` (this benchmark's process tree, Ray included)."""
+    import psutil
+
+    with open("/proc/stat") as handle:
+        ticks = [int(v) for v in handle.readline().split()[1:]]
+    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+    try:
+        ours = {root_pid} | {p.pid for p in psutil.Process(root_pid).children(recursive=True)}
+    except psutil.Error:
+        ours = {root_pid}
+    procs = {}
+    for proc in psutil.process_iter(["cmdline", "name"]):
+        try:
+            times = proc.cpu_times()
+            name = " ".join(proc.info["cmdline"] or []) or proc.info["name"] or ""
+            procs[proc.pid] = (name[:200], times.user + times.system, proc.pid in ours)
+        except psutil.Error:
+            continue
+    return {"time": time.time(), "busy": busy, "procs": procs}
+
+
+def _short(cmdline: str) -> str:
+    """`ray::SplitCoordinator`, `raylet`, `dashboard.py`: a readable process name."""
+    words = cmdline.split(" ")
+    word = next((w for w in words if w.endswith(".py")), words[0])
+    return word.rsplit("/", 1)[-1][:40]
+
+
+def cpu_split(before: dict[str, Any], after: dict[str, Any], trainer_pid: int | None) -> dict[str, float]:
+    """Average cores used between two snapshots: by the training process, by the rest of this
+    benchmark's process tree (Ray daemons and actors), and by everything else (foreign).
+    A process that exited in between is missed (its CPU lands in `foreign`); a process that
+    started in between is counted in full."""
+    wall = max(1e-9, after["time"] - before["time"])
+    train = ours = 0.0
+    others: list[tuple[float, str]] = []
+    for pid, (name, cpu, mine) in after["procs"].items():
+        used = cpu - before["procs"].get(pid, (name, 0.0, mine))[1]
+        if pid == trainer_pid:
+            train += used
+        elif mine and used > 0:
+            others.append((used, _short(name)))
+        if mine:
+            ours += used
+    total = after["busy"] - before["busy"]
+    return {
+        "window_s": round(wall, 2),
+        "train_cores": round(train / wall, 2),
+        "other_ours_cores": round((ours - train) / wall, 2),
+        "foreign_cores": round(max(0.0, total - ours) / wall, 2),
+        "top_other_ours": [[name, round(used / wall, 3)] for used, name in sorted(others, reverse=True)[:6]],
+    }
+
+
 # ------------------------------------------------------------------------------ data
 
 
@@ -160,9 +221,11 @@ def run_plain(cfg: Any, datasets: Any, threads: int) -> dict[str, Any]:
 
     per_epoch: list[float] = []
     last_batches: list[list[str]] = []
+    cpu: dict[str, float] = {}
     for epoch in range(1, tcfg.epochs + 1):
         order = np.random.default_rng(tcfg.seed + epoch).permutation(rows)
         model.train()
+        before = cpu_snapshot(os.getpid()) if epoch == tcfg.epochs else None
         started, seen = time.perf_counter(), 0
         batches = []
         for start in range(0, rows, tcfg.batch_size):
@@ -181,6 +244,8 @@ def run_plain(cfg: Any, datasets: Any, threads: int) -> dict[str, Any]:
             seen += len(targets)
             _ = loss.item() * len(targets)
         elapsed = time.perf_counter() - started
+        if before is not None:
+            cpu = cpu_split(before, cpu_snapshot(os.getpid()), os.getpid())
         per_epoch.append(seen / elapsed)
         last_batches = batches
         log(f"plain epoch {epoch}: {seen} samples in {elapsed:.2f}s = {seen / elapsed:.1f} samples/s")
@@ -188,7 +253,8 @@ def run_plain(cfg: Any, datasets: Any, threads: int) -> dict[str, Any]:
     threads_used = torch.get_num_threads()
     del model, optimizer, scheduler, groups, trainable
     gc.collect()
-    return {"per_epoch": per_epoch, "tokens_per_sample": tokens, "torch_threads": threads_used}
+    log(f"plain last epoch CPU use (cores): {cpu}")
+    return {"per_epoch": per_epoch, "tokens_per_sample": tokens, "torch_threads": threads_used, "cpu": cpu}
 
 
 # ------------------------------------------------------------------------------ ray path
@@ -204,6 +270,7 @@ def probe_ray_worker_threads(threads: int) -> dict[str, Any]:
             import torch
 
             return {
+                "nice": os.nice(0),
                 "torch_threads": torch.get_num_threads(),
                 "torch_interop_threads": torch.get_num_interop_threads(),
                 "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
@@ -238,10 +305,39 @@ def ray_tokens_per_sample(cfg: Any, datasets: Any) -> float:
     return padded_tokens_per_sample(backbone, batches, tcfg.max_length)
 
 
+def _report_clock(path: Path, root_pid: int) -> Any:
+    """A UserCallback that appends a CPU snapshot per reported epoch to `path`; it runs in
+    the Ray Train controller actor, on this machine, so a local file is how it hands back."""
+    import ray.train
+
+    class ReportClock(ray.train.UserCallback):
+        def __init__(self, path: str, root_pid: int) -> None:
+            self.path, self.root_pid = path, root_pid
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:  # noqa: ANN001
+            snap = cpu_snapshot(self.root_pid)
+            snap["epoch"] = int(metrics[0]["epoch"])
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(snap) + "\n")
+
+    return ReportClock(str(path), root_pid)
+
+
+def _load_snapshot(line: str) -> dict[str, Any]:
+    snap = json.loads(line)
+    snap["procs"] = {int(pid): tuple(value) for pid, value in snap["procs"].items()}
+    return snap
+
+
 def run_ray(cfg: Any, datasets: Any, storage: Path, round_no: int) -> dict[str, Any]:
     from tl_ray.train.driver import build_trainer
 
-    trainer = build_trainer(cfg, datasets, storage_path=str(storage), name=f"bench-{round_no}")
+    clock_file = storage.parent / f"report-clock-{round_no}.jsonl"
+    trainer = build_trainer(
+        cfg, datasets, storage_path=str(storage), name=f"bench-{round_no}",
+        callbacks=[_report_clock(clock_file, os.getpid())],
+    )
+    fit_start = cpu_snapshot(os.getpid())
     started = time.perf_counter()
     result = trainer.fit()
     fit_wall = time.perf_counter() - started
@@ -257,7 +353,24 @@ def run_ray(cfg: Any, datasets: Any, storage: Path, round_no: int) -> dict[str, 
         log(f"ray epoch {epoch}: {value:.1f} samples/s")
     if last is None or int(last["epoch"]) != cfg.train.epochs:
         raise RuntimeError(f"unexpected last metrics from Ray: {last!r}")
-    return {"last": float(last["samples_per_s"]), "per_epoch": per_epoch, "fit_wall_s": fit_wall}
+    # CPU use between the last two reports: the last epoch's training phase plus its
+    # validation and checkpoint (the worker's timed window is the first rows/sps seconds).
+    cpu: dict[str, Any] = {}
+    report_gaps: list[float] = []
+    if clock_file.is_file():
+        snaps = [fit_start] + [_load_snapshot(line) for line in clock_file.read_text().splitlines()]
+        report_gaps = [round(b["time"] - a["time"], 2) for a, b in zip(snaps, snaps[1:])]
+        before, after = snaps[-2], snaps[-1]
+        workers = [
+            pid for pid, (name, _, mine) in after["procs"].items() if mine and "RayTrainWorker" in name
+        ]
+        cpu = cpu_split(before, after, workers[0] if len(workers) == 1 else None)
+        cpu["train_phase_s"] = round(datasets.train.num_rows / float(last["samples_per_s"]), 2)
+        log(f"ray last epoch CPU use (cores, between the last two reports): {cpu}")
+    return {
+        "last": float(last["samples_per_s"]), "per_epoch": per_epoch, "fit_wall_s": fit_wall,
+        "cpu": cpu, "report_gaps_s": report_gaps,
+    }
 
 
 # ------------------------------------------------------------------------------ main
@@ -273,6 +386,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch threads = Ray worker CPUs")
     parser.add_argument("--model", default="minilm", help="backbone.name_or_path")
     parser.add_argument("--rounds", type=int, default=1, help="alternate plain/ray this many times; medians compared")
+    parser.add_argument(
+        "--ray-niceness",
+        choices=("match", "ray-default"),
+        default="match",
+        help="match: start Ray workers at this process's niceness (RAY_worker_niceness), so both "
+        "paths get the same CPU priority; ray-default: leave Ray's default (workers at nice 15)",
+    )
     args = parser.parse_args(argv)
     if args.samples < 4 or args.batch_size < 1 or args.epochs < 1 or args.threads < 1 or args.rounds < 1:
         parser.error("--samples >= 4, --batch-size/--epochs/--threads/--rounds >= 1")
@@ -329,7 +449,12 @@ def main(argv: list[str] | None = None) -> int:
             if round_no == 1:
                 import ray
 
-                log(f"starting Ray (num_cpus={args.threads}); not timed")
+                if args.ray_niceness == "match":
+                    os.environ.setdefault("RAY_worker_niceness", str(os.nice(0)))
+                log(
+                    f"starting Ray (num_cpus={args.threads}, RAY_worker_niceness="
+                    f"{os.environ.get('RAY_worker_niceness', 'unset: Ray default')}); not timed"
+                )
                 ray.init(num_cpus=args.threads, logging_level=logging.WARNING, log_to_driver=True)
                 probe = probe_ray_worker_threads(args.threads)
                 log(f"Ray worker with {args.threads} CPUs sees {probe}")
@@ -368,12 +493,17 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "order": "plain (before ray.init), then ray" + (", alternating" if args.rounds > 1 else ""),
         "data_source": source,
+        "plain_nice": os.nice(0),
+        "ray_worker_nice": probe.get("nice"),
         "ray_worker_torch_threads": probe.get("torch_threads"),
         "ray_worker_omp_num_threads": probe.get("OMP_NUM_THREADS"),
         "plain_torch_threads": plain_runs[0]["torch_threads"],
         "ray_epochs_samples_per_s": [[round(v, 2) for v in run["per_epoch"]] for run in ray_runs],
         "plain_epochs_samples_per_s": [[round(v, 2) for v in run["per_epoch"]] for run in plain_runs],
         "ray_fit_wall_s": [round(run["fit_wall_s"], 1) for run in ray_runs],
+        "ray_report_gaps_s": [run["report_gaps_s"] for run in ray_runs],
+        "cpu_last_epoch_plain": [run["cpu"] for run in plain_runs],
+        "cpu_last_epoch_ray": [run["cpu"] for run in ray_runs],
         "plain_tokens_per_sample": round(plain_tokens, 2),
         "ray_tokens_per_sample": round(ray_tokens, 2),
         "ratio_per_token": round(ratio * ray_tokens / plain_tokens, 3),

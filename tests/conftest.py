@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import os
-import random
 from pathlib import Path
 
 import pytest
@@ -13,29 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
-POSITIVE = "good great wonderful superb delightful moving brilliant charming".split()
-NEGATIVE = "bad awful boring dull terrible clumsy tedious weak".split()
-FILLER = "the film plot actors story scenes was is a and with its".split()
-
-
-def make_sentiment_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
-    """Learnable toy sentiment: each text mixes filler with words of one polarity."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = "pos" if i % 2 == 0 else "neg"
-        words = rng.sample(FILLER, 5) + rng.sample(POSITIVE if label == "pos" else NEGATIVE, 2)
-        rng.shuffle(words)
-        rows.append((" ".join(words), label))
-    return rows
-
-
-def write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["text", "label"])
-        writer.writerows(rows)
-    return path
+from helpers import make_sentiment_rows, write_csv
 
 
 @pytest.fixture(scope="session")
@@ -75,10 +51,9 @@ def sentiment_csv(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One embedded Ray for the whole test session."""
+    """One embedded Ray for the whole test session (its RayContext: `.dashboard_url`)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
-    yield ray
+    context = ray.init(num_cpus=4, include_dashboard=True, logging_level="WARNING")
+    yield context
     ray.shutdown()

@@ -54,10 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         print("aborted", file=sys.stderr)
         return 130
-    except Exception as error:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(error, click.ClickException):
+    except Exception as error:  # click usage errors carry their own exit code and message
+        if hasattr(error, "show") and isinstance(getattr(error, "exit_code", None), int):
             error.show()
             return error.exit_code
         raise

@@ -132,6 +132,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             train_loss=float(totals[1] / max(1.0, totals[0])),
             samples_per_s=float(totals[0] / (totals[2] / world)),
             lr=scheduler.get_last_lr()[0],
+            resumed_from_epoch=first_epoch - 1,
         )
         _report(metrics, rank, backbone, model, labels, optimizer, scheduler, epoch, tcfg)
 
