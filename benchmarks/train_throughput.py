@@ -51,6 +51,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 MR_DIR = Path("/work/shared/data/mr")
+CONTENDED_CORES = 0.2  # foreign CPU use (cores) in a timed epoch above which figures are flagged
 
 
 def log(message: str) -> None:
@@ -475,6 +476,22 @@ def main(argv: list[str] | None = None) -> int:
     ray_last = statistics.median(run["last"] for run in ray_runs)
     plain_tokens = plain_runs[0]["tokens_per_sample"]
     ratio = ray_last / plain_last
+    # Samples per CPU-second of the training process: less sensitive to other users' load
+    # than samples/s (for Ray, the CPU rate between the last two reports x training time).
+    plain_cpu_eff = statistics.median(
+        rows / (run["cpu"]["train_cores"] * run["cpu"]["window_s"]) for run in plain_runs
+    )
+    ray_cpu_eff = statistics.median(
+        rows / (run["cpu"]["train_cores"] * run["cpu"]["train_phase_s"]) if run["cpu"] else float("nan")
+        for run in ray_runs
+    )
+    foreign = max(run["cpu"].get("foreign_cores", 0.0) for run in plain_runs + ray_runs)
+    contended = foreign > CONTENDED_CORES
+    if contended:
+        log(
+            f"WARNING: other processes used up to {foreign:.2f} cores during the timed epochs; "
+            "samples/s figures are contended (see cpu_last_epoch_*); rerun on a quiet machine"
+        )
     record = {
         "benchmark": "train_throughput",
         "model": args.model,
@@ -507,6 +524,10 @@ def main(argv: list[str] | None = None) -> int:
         "plain_tokens_per_sample": round(plain_tokens, 2),
         "ray_tokens_per_sample": round(ray_tokens, 2),
         "ratio_per_token": round(ratio * ray_tokens / plain_tokens, 3),
+        "ray_samples_per_cpu_s": round(ray_cpu_eff, 3),
+        "plain_samples_per_cpu_s": round(plain_cpu_eff, 3),
+        "ratio_per_cpu_s": round(ray_cpu_eff / plain_cpu_eff, 3),
+        "contended": contended,
         "wall_s": round(time.perf_counter() - wall_started, 1),
     }
     log(f"ratio ray/plain = {ratio:.3f} (goal >= 0.9)")

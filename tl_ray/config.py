@@ -21,6 +21,7 @@ __all__ = [
     "DataConfig",
     "HFTextConfig",
     "RunConfig",
+    "SearchConfig",
     "TrainConfig",
     "apply_overrides",
     "load_config",
@@ -106,12 +107,26 @@ class TrainConfig(_Strict):
         return "min" if self.metric == "val_loss" else "max"
 
 
+class SearchConfig(_Strict):
+    """How `tl-ray tune` searches: Optuna sampler, ASHA early stopping, concurrency, storage."""
+
+    trials: int = Field(default=8, ge=1)
+    sampler: Literal["tpe", "random", "cmaes", "gp"] = "tpe"
+    seed: int = 0
+    early_stopping: bool = True
+    grace_period: int = Field(default=1, ge=1)
+    reduction_factor: int = Field(default=2, ge=2)
+    max_concurrent_trials: int | None = Field(default=None, ge=1)
+    storage: str | None = None  # SQLAlchemy URL; default: sqlite file in the output folder
+
+
 class RunConfig(_Strict):
     """A whole training run: data, backbone, optimisation, and where results go."""
 
     data: DataConfig
     backbone: BackboneConfig = Field(default_factory=HFTextConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
     output: str = "runs/latest"
 
     @model_validator(mode="before")
