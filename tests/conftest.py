@@ -51,9 +51,11 @@ def sentiment_csv(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One embedded Ray for the whole test session (its RayContext: `.dashboard_url`)."""
+    """One embedded Ray for the whole test session, started the way the CLI starts it."""
     import ray
 
-    context = ray.init(num_cpus=4, include_dashboard=True, logging_level="WARNING")
-    yield context
+    from tl_ray.train.driver import ensure_ray
+
+    ensure_ray(num_cpus=4)
+    yield ray.get_runtime_context()
     ray.shutdown()

@@ -15,13 +15,12 @@ from tl_ray.config import parse_config
 from tl_ray.train.driver import train
 
 
-def _kill_a_worker_after_first_checkpoint(output, dashboard, stop: threading.Event, killed: list[int]):
+def _kill_a_worker_after_first_checkpoint(output, stop: threading.Event, killed: list[int]):
     # A second checkpoint folder appears only after Ray registered the first one.
     while not stop.is_set():
         if len(list(output.glob("train_*/checkpoint_*"))) >= 2:
             workers = list_actors(
-                address=f"http://{dashboard}",
-                filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
             )
             if workers:
                 pid = workers[-1]["pid"]
@@ -45,7 +44,7 @@ def test_killed_worker_is_replaced_and_training_resumes(ray_session, tiny_bert, 
     )
     stop, killed = threading.Event(), []
     killer = threading.Thread(
-        target=_kill_a_worker_after_first_checkpoint, args=(tmp_path / "run", ray_session.dashboard_url, stop, killed)
+        target=_kill_a_worker_after_first_checkpoint, args=(tmp_path / "run", stop, killed)
     )
     killer.start()
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +32,35 @@ __all__ = ["TrainOutcome", "build_trainer", "ensure_ray", "train"]
 log = logging.getLogger("tl_ray.train")
 
 
-def ensure_ray(address: str | None = None) -> None:
-    """Join the cluster at `address` / RAY_ADDRESS, or start an embedded local Ray."""
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Join the cluster at `address` / RAY_ADDRESS, or start an embedded local Ray.
+
+    A local Ray gets its own dashboard port, and its workers are told that address: Ray
+    Train's placement-group cleaner asks the State API whether a run's controller is alive,
+    and with two local Ray instances on one machine that lookup fails, leaking the placement
+    groups of trials that Tune stopped (a later trial then waits for CPUs forever).
+    """
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+    if address is not None:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return
+    api = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{_free_port()}"}
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=True,
+        dashboard_port=int(api["RAY_API_SERVER_ADDRESS"].rsplit(":", 1)[1]),
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": api},
+    )
+    os.environ.update(api)  # this process's State API calls go to the same instance
 
 
 class _EpochPrinter(ray.train.UserCallback):
