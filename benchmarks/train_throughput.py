@@ -310,6 +310,10 @@ def _report_clock(path: Path, root_pid: int) -> Any:
     """A UserCallback that appends a CPU snapshot per reported epoch to `path`; it runs in
     the Ray Train controller actor, on this machine, so a local file is how it hands back."""
     import ray.train
+    from ray import cloudpickle
+
+    if __name__ != "__main__":  # imported, not run: ship this module's code to the controller
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
     class ReportClock(ray.train.UserCallback):
         def __init__(self, path: str, root_pid: int) -> None:

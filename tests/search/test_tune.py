@@ -5,6 +5,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import optuna
 import pyarrow.parquet as pq
@@ -12,6 +16,7 @@ import pytest
 
 from tl_ray.cli.app import main
 
+TRIALS = 5
 SPACE = """
 metric: val_loss
 mode: min
@@ -43,19 +48,53 @@ def write_inputs(tmp_path, tiny_bert, sentiment_csv, trials: int):
     return tmp_path / "run.yaml", tmp_path / "space.yaml"
 
 
+def complete_trials(folder) -> dict[int, float]:
+    if not (folder / "study.db").exists():
+        return {}
+    try:
+        study = optuna.load_study(study_name="tl-ray", storage=f"sqlite:///{folder / 'study.db'}")
+    except KeyError:  # the study row is not written yet
+        return {}
+    return {t.number: t.value for t in study.trials if t.state.name == "COMPLETE"}
+
+
 @pytest.fixture(scope="module")
 def search(ray_session, tiny_bert, sentiment_csv, tmp_path_factory):
+    """A 5-trial search, interrupted with Ctrl-C after two trials finished, then resumed."""
     tmp_path = tmp_path_factory.mktemp("tune")
-    config, space = write_inputs(tmp_path, tiny_bert, sentiment_csv, trials=6)
-    code, lines = run_cli(["tune", str(config), "--space", str(space)])
+    config, space = write_inputs(tmp_path, tiny_bert, sentiment_csv, trials=TRIALS)
+    folder = tmp_path / "search"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "tl_ray", "tune", str(config), "--space", str(space)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 600
+    while len(complete_trials(folder)) < 2 and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(1)
+    first.send_signal(signal.SIGINT)
+    first.wait(timeout=180)
+    before = complete_trials(folder)
+    assert 2 <= len(before) < TRIALS
+    code, lines = run_cli(["tune", "--resume", str(folder)])
     assert code == 0
-    return tmp_path / "search", lines[-1]
+    return folder, lines[-1], before
+
+
+def test_resume_keeps_finished_trials_and_runs_only_the_rest(search):
+    folder, best, before = search
+    after = complete_trials(folder)
+    assert {n: after[n] for n in before} == before  # kept, same values
+    launches = sorted(folder.glob("tune_*"))
+    assert len(launches) == 2
+    resumed_trials = list(launches[1].glob("_trial_*"))
+    assert len(resumed_trials) == TRIALS - len(before)
+    assert len(after) == TRIALS
 
 
 def test_search_finishes_and_best_json_names_the_best_trial(search):
-    folder, best = search
-    table = pq.read_table(folder / "trials.parquet").to_pylist()
-    assert len({row["trial"] for row in table}) == 6
+    folder, best, _ = search
+    table = [r for r in pq.read_table(folder / "trials.parquet").to_pylist() if r["status"] != "interrupted"]
+    assert len({row["trial"] for row in table}) == TRIALS
     best_row = min(table, key=lambda r: r["val_loss"])
     on_disk = json.loads((folder / "best.json").read_text())
     assert on_disk == best
@@ -67,8 +106,8 @@ def test_search_finishes_and_best_json_names_the_best_trial(search):
 
 
 def test_asha_stopped_at_least_one_trial_early(search):
-    folder, best = search
-    rows = pq.read_table(folder / "trials.parquet").to_pylist()
+    folder, best, _ = search
+    rows = [r for r in pq.read_table(folder / "trials.parquet").to_pylist() if r["status"] != "interrupted"]
     epochs = {}
     for row in rows:
         epochs[row["trial"]] = max(epochs.get(row["trial"], 0), row["epoch"])
@@ -78,16 +117,17 @@ def test_asha_stopped_at_least_one_trial_early(search):
 
 
 def test_study_is_in_optuna_storage(search):
-    folder, _ = search
+    folder, _, _ = search
     study = optuna.load_study(study_name="tl-ray", storage=f"sqlite:///{folder / 'study.db'}")
-    assert len(study.trials) == 6
-    assert all(t.state.name == "COMPLETE" for t in study.trials)
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") == TRIALS
+    assert all(t.user_attrs.get("interrupted") for t in study.trials if t.state.name == "FAIL")
     lr_decay_seen = [("backbone.lr_decay" in t.params) == (t.params["backbone.unfreeze_depth"] > 0) for t in study.trials]
     assert all(lr_decay_seen)
 
 
 def test_report_prints_table_and_writes_plots(search, capsys):
-    folder, _ = search
+    folder, _, _ = search
     assert main(["report", str(folder)]) == 0
     out = capsys.readouterr().out
     assert "pruned" in out and "val_loss" in out
