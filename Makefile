@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: setup
+	rm -rf runs/demo
 	$(PY) examples/demo_data.py runs/demo/pang_lee_polarity.txt
-	$(VENV)/bin/tl-ray train examples/minilm-sentiment.yaml
+	$(VENV)/bin/tl-ray tune examples/minilm-sentiment.yaml --space search_spaces/minilm-sentiment.yaml
+	$(VENV)/bin/tl-ray report runs/demo
 	$(VENV)/bin/tl-ray predict runs/demo/model --text "a moving, beautifully acted film" --text "dull, clumsy and far too long"
 
 test: setup

@@ -24,7 +24,7 @@ def test_minimal_config_gets_defaults():
 def test_shipped_example_parses():
     cfg = load_config("examples/minilm-sentiment.yaml")
     assert cfg.backbone.unfreeze_depth == 2
-    assert cfg.data.encoding == "latin-1"
+    assert cfg.data.encoding == "cp1252"
 
 
 def test_overrides_are_parsed_as_yaml(tmp_path):

@@ -170,6 +170,8 @@ def run_search(
     if not space.params:
         raise ConfigError("every parameter of the space is fixed by --set; nothing to search")
     validate_against(space, cfg, max_depth=get_backbone(cfg.backbone).num_layers())
+    ensure_ray(address)
+    max_concurrent_trials(cfg, ray.cluster_resources())  # can the cluster hold one trial?
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(
         folder / SEARCH_FILE,
