@@ -59,7 +59,7 @@ def test_train_reports_metrics_and_exports_a_servable_folder(trained):
 def test_best_n_checkpoints_are_kept(trained):
     """keep_checkpoints=2 keeps the best two by val_accuracy, plus Ray's latest (to resume)."""
     output, _ = trained
-    checkpoints = list(output.glob("train_*/checkpoint_*"))
+    checkpoints = [c for c in output.glob("train_*/checkpoint_*") if c.is_dir()]
     assert 2 <= len(checkpoints) <= 3 < 4
     assert all((c / "train_state.pt").is_file() for c in checkpoints)
 

@@ -30,7 +30,7 @@ from ray.serve import Application
 from tl_ray.client import TOKEN_ENV
 from tl_ray.serve.api import Limits, ModelInfo, PredictRequest, PredictResponse, RequestError, parse_predict_body
 
-__all__ = ["DEPLOYMENT", "TOKEN_ENV", "ModelSlot", "ServeArgs", "TLRayModel", "build_app", "token_digest"]
+__all__ = ["DEPLOYMENT", "TOKEN_ENV", "ModelSlot", "ServeArgs", "TLRayModel", "TLRayServer", "build_app", "token_digest"]
 
 DEPLOYMENT = "TLRayModel"
 
@@ -59,7 +59,7 @@ class ServeArgs(BaseModel):
     max_ongoing_requests: int | None = Field(default=None, ge=1, description="Default: 2 x max_batch_size.")
     upscale_delay_s: float = Field(default=5.0, ge=0)
     downscale_delay_s: float = Field(default=60.0, ge=0)
-    look_back_period_s: float = Field(default=10.0, gt=0)
+    look_back_period_s: float = Field(default=30.0, gt=0, description="Window the load is averaged over.")
     metrics_interval_s: float | None = Field(default=None, gt=0, description="Default: Serve's (10 s).")
     num_cpus: float = Field(default=1.0, ge=0, description="Per replica; also torch's thread count.")
     num_gpus: float = Field(default=0.0, ge=0, description="Per replica.")
@@ -137,6 +137,16 @@ def _texts_in(items: list[tuple[_Loaded, list[str]]]) -> int:
     return sum(len(texts) for _, texts in items)
 
 
+def _digests(args: ServeArgs) -> list[str]:
+    """Accepted token digests: from the args, the replica's env var, and the token file."""
+    digests = [args.token_sha256] if args.token_sha256 else []
+    if os.environ.get(TOKEN_ENV, "").strip():
+        digests.append(token_digest(os.environ[TOKEN_ENV]))
+    if args.token_file:
+        digests.append(token_digest(Path(args.token_file).read_text(encoding="utf-8")))
+    return digests
+
+
 api = FastAPI(
     title="tl-ray",
     description="Text classification with a tl-ray checkpoint. Send `Authorization: Bearer TOKEN` "
@@ -163,10 +173,12 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-@serve.deployment(name=DEPLOYMENT)
-@serve.ingress(api)
-class TLRayModel:
-    """The Serve deployment; build it with `build_app`, not directly."""
+class TLRayServer:
+    """The replica: routes, batching and model swap. Serve deploys it as `TLRayModel`.
+
+    A plain module-level class (decorated below, not with @), so Ray pickles it by reference
+    and FastAPI resolves its annotations in this module.
+    """
 
     def __init__(self, args: dict[str, Any]) -> None:
         self.args = ServeArgs.model_validate(args)
@@ -247,14 +259,7 @@ class TLRayModel:
         return {**self._loaded().info.model_dump(), "stats": stats}
 
 
-def _digests(args: ServeArgs) -> list[str]:
-    """Accepted token digests: from the args, the replica's env var, and the token file."""
-    digests = [args.token_sha256] if args.token_sha256 else []
-    if os.environ.get(TOKEN_ENV, "").strip():
-        digests.append(token_digest(os.environ[TOKEN_ENV]))
-    if args.token_file:
-        digests.append(token_digest(Path(args.token_file).read_text(encoding="utf-8")))
-    return digests
+TLRayModel = serve.deployment(name=DEPLOYMENT)(serve.ingress(api)(TLRayServer))
 
 
 def build_app(args: ServeArgs | dict[str, Any]) -> Application:

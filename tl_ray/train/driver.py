@@ -133,7 +133,8 @@ class TrainOutcome:
 
     model_dir: Path
     checkpoint_dir: str
-    metrics: dict[str, Any]
+    metrics: dict[str, Any]  # of the best checkpoint (the exported model)
+    final_metrics: dict[str, Any]  # of the last epoch
 
 
 def train(
@@ -169,4 +170,4 @@ def train(
     model_dir = export_model_folder(best.path, output / "model")
     from tl_ray.train.checkpoint import read_manifest
 
-    return TrainOutcome(model_dir, best.path, read_manifest(model_dir)["metrics"])
+    return TrainOutcome(model_dir, best.path, read_manifest(model_dir)["metrics"], result.metrics or {})

@@ -1,0 +1,298 @@
+"""The Serve endpoint for real, on loopback: one tiny model deployed from an exported config
+(`serve deploy` path) and one deployed by `tl-ray serve --detach` with a token.
+
+Order matters and is kept: correctness and bad input on one replica, then batching,
+autoscaling up and down, a killed replica, a model swap under load, metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tl_ray.cli.app import main
+from tl_ray.client import Client
+
+TEXTS = ["a good, moving film", "dull and tedious", "the plot is weak but the actors are great"]
+APP, CLI_APP, TOKEN = "tlr", "cli", "test-token-123"
+TLR_OPTIONS = [  # small limits and fast autoscaling, so every behaviour shows in seconds
+    "--num-cpus", "0.25", "--min-replicas", "1", "--max-replicas", "2", "--target-ongoing-requests", "2",
+    "--upscale-delay-s", "0.5", "--downscale-delay-s", "2", "--max-batch-size", "8", "--batch-wait-ms", "50",
+    "--max-texts", "4", "--max-text-chars", "100", "--max-body-bytes", "2048",
+]  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _model_folder(folder: Path, tiny_bert: str, seed: int) -> Path:
+    import torch
+
+    from tl_ray.backbones.registry import get_backbone
+    from tl_ray.config import HFTextConfig
+    from tl_ray.data import LabelMap
+    from tl_ray.train.checkpoint import write_model_folder
+
+    torch.manual_seed(seed)
+    backbone = get_backbone(HFTextConfig(name_or_path=tiny_bert, unfreeze_depth=1))
+    folder.mkdir(parents=True)
+    write_model_folder(folder, backbone, backbone.build(2), LabelMap(("neg", "pos")), metrics={"val_accuracy": 0.75},
+                       epoch=1, extra={"max_length": 32})  # fmt: skip
+    return folder
+
+
+def _cli(*argv: str) -> list[dict]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(list(argv)) == 0
+    return [json.loads(line) for line in out.getvalue().splitlines() if line.startswith("{")]
+
+
+def _replicas(app: str = APP) -> int:
+    from ray import serve
+
+    status = serve.status().applications[app].deployments["TLRayModel"]
+    return status.replica_states.get("RUNNING", 0)
+
+
+def _wait(condition, timeout: float, what: str, every: float = 0.25) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(every)
+
+
+def _deploy_config(config: dict) -> None:
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    ServeSubmissionClient(os.environ["RAY_API_SERVER_ADDRESS"]).deploy_applications(config)
+
+
+class Load:
+    """`concurrency` threads posting one text each, back to back, until stopped."""
+
+    def __init__(self, url: str, concurrency: int, headers: dict | None = None) -> None:
+        self.url, self.headers, self.stop = url, headers or {}, threading.Event()
+        self.results: list[tuple[int, str | None]] = []
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(concurrency)]
+
+    def _run(self, i: int) -> None:
+        with httpx.Client(timeout=30, headers=self.headers) as http:
+            while not self.stop.is_set():
+                try:
+                    answer = http.post(f"{self.url}/v1/predict", json={"texts": [TEXTS[i % len(TEXTS)]]})
+                    model = answer.json()["model"]["path"] if answer.status_code == 200 else answer.text
+                    self.results.append((answer.status_code, model))
+                except httpx.HTTPError as error:
+                    self.results.append((0, repr(error)))
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join()
+
+    def failures(self) -> list[tuple[int, str | None]]:
+        return [result for result in self.results if result[0] != 200]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_bert) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serve")
+    experiment = root / "experiment"
+    experiment.mkdir()
+    model_a = _model_folder(root / "model-a", tiny_bert, seed=1)
+    best = {"trial": 7, "epoch": 1, "metric": "val_accuracy", "value": 0.75, "params": {"train.lr": 1e-4},
+            "metrics": {"val_accuracy": 0.75}, "checkpoint": None, "model": str(model_a)}  # fmt: skip
+    (experiment / "best.json").write_text(json.dumps(best), encoding="utf-8")
+    (root / "token").write_text(TOKEN + "\n", encoding="utf-8")
+    return {"experiment": experiment, "a": model_a, "b": _model_folder(root / "model-b", tiny_bert, seed=2),
+            "token": root / "token", "config": root / "serve.yaml"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def served(ray_session, models):
+    """Serve on a free port with app `tlr` (from the exported config) and `cli` (token)."""
+    from ray import serve
+
+    t0 = time.monotonic()
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    _cli("serve", str(models["experiment"]), "--export-config", str(models["config"]), "--name", APP,
+         "--port", str(port), *TLR_OPTIONS)  # fmt: skip
+    config = yaml.safe_load(models["config"].read_text(encoding="utf-8"))
+    # Fast autoscaling for the test (Serve's own defaults are 10 s / 30 s).
+    config["applications"][0]["deployments"][0]["autoscaling_config"].update(metrics_interval_s=0.5, look_back_period_s=2)
+    print("TIMING serve.start+export", time.monotonic() - t0)
+    _deploy_config(config)
+    (info,) = _cli("serve", str(models["experiment"]), "--detach", "--name", CLI_APP, "--route-prefix", "/cli",
+                   "--host", "127.0.0.1", "--port", str(port), "--token-file", str(models["token"]),
+                   "--num-cpus", "0.25", "--max-replicas", "1", "--truncate", "--max-text-chars", "10")  # fmt: skip
+    print("TIMING cli", time.monotonic() - t0)
+    _wait(lambda: serve.status().applications[APP].status == "RUNNING", 120, f"app {APP} to run")
+    print("TIMING all", time.monotonic() - t0)
+    try:
+        yield {"url": f"http://127.0.0.1:{port}", "port": port, "config": config, "cli": info}
+    finally:
+        serve.shutdown()
+
+
+def test_predictions_over_http_equal_the_predictor(served, models):
+    from tl_ray.serve.predictor import Predictor
+
+    with Client(served["url"]) as client:
+        answer = client.request("POST", "/v1/predict", json={"texts": TEXTS})
+        described = client.model()
+        assert client.healthy()
+    expected = Predictor(models["a"]).predict(TEXTS)
+    for got, want in zip(answer["predictions"], expected, strict=True):
+        assert got["label"] == want["label"]
+        assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-5)
+    assert answer["model"] == {"path": str(models["a"]), "backbone": described["backbone"], "trial": 7}
+    assert described["labels"] == ["neg", "pos"] and described["depth"] == 1 and described["kind"] == "hf-text"
+    assert described["metrics"] == {"val_accuracy": 0.75} and described["trial"]["params"] == {"train.lr": 1e-4}
+    assert httpx.get(f"{served['url']}/openapi.json").json()["paths"].keys() >= {"/v1/predict", "/healthz", "/v1/model"}
+    assert httpx.get(f"{served['url']}/docs").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({"texts": []}, 422, "at least 1 item"),
+        ({"texts": ["fine", 3]}, 422, "texts.1: Input should be a valid string"),
+        ({"texts": "one text"}, 422, "valid array"),
+        ({"text": ["a"]}, 422, "texts: Field required"),
+        ({"texts": ["a"] * 5}, 422, "5 texts in one request; the limit is 4"),
+        ({"texts": ["x" * 101]}, 422, "texts[0] has 101 characters; the limit is 100"),
+        (b'{"texts": ["unclosed"', 400, "malformed JSON"),
+        (b"", 400, "empty request body"),
+        (b"x" * 5000, 413, "the limit is 2048"),
+        (iter([b"x" * 1000] * 3), 413, "over the limit of 2048 bytes"),  # chunked: no Content-Length
+    ],
+)
+def test_bad_request_gets_its_4xx_and_the_server_keeps_serving(served, body, status, message):
+    sent = {"json": body} if isinstance(body, dict) else {"content": body}
+    answer = httpx.post(f"{served['url']}/v1/predict", timeout=30, **sent)
+    assert answer.status_code == status, answer.text
+    assert message in answer.json()["detail"]
+    good = httpx.post(f"{served['url']}/v1/predict", json={"texts": TEXTS[:1]}, timeout=30)
+    assert good.status_code == 200, good.text
+
+
+def test_token_protects_the_cli_deployed_app_and_query_prints_json(served, models):
+    url = served["cli"]["url"]
+    assert url == f"{served['url']}/cli" and served["cli"]["trial"] == 7
+    assert httpx.post(f"{url}/v1/predict", json={"texts": ["hi"]}).status_code == 401
+    wrong = httpx.post(f"{url}/v1/predict", json={"texts": ["hi"]}, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(f"{url}/v1/model").status_code == 401
+    assert httpx.get(f"{url}/healthz").status_code == 200  # probes need no token
+    lines = _cli("query", url, "a very long text, cut to ten characters", "short", "--token-file", str(models["token"]))
+    assert [line["text"] for line in lines] == ["a very long text, cut to ten characters", "short"]
+    assert all(set(line) == {"text", "label", "score", "probabilities"} for line in lines)
+
+
+def test_concurrent_requests_are_batched(served):
+    with Load(served["url"], concurrency=8) as load:
+        _wait(lambda: len(load.results) >= 40, 60, "40 answers")
+    assert not load.failures()
+    seen = [httpx.get(f"{served['url']}/v1/model").json()["stats"] for _ in range(4)]
+    assert max(stats["max_batch_texts"] for stats in seen) > 1, seen
+    assert max(stats["max_batch_requests"] for stats in seen) > 1, seen
+
+
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served):
+    _wait(lambda: _replicas() == 1, 60, "one replica before the load")
+    with Load(served["url"], concurrency=12) as load:
+        _wait(lambda: _replicas() >= 2, 90, "a second replica under load")
+    assert not load.failures(), load.failures()[:3]
+    _wait(lambda: _replicas() == 1, 60, "the return to one replica")
+
+
+def test_killed_replica_is_replaced_and_requests_succeed_after(served):
+    import ray
+
+    def replica_names() -> set[str]:
+        actors = ray.util.list_named_actors(all_namespaces=True)
+        return {a["name"] for a in actors if a["name"].startswith(f"SERVE_REPLICA::{APP}#")}
+
+    serving = httpx.get(f"{served['url']}/v1/model").json()["stats"]["replica"]
+    victim = f"SERVE_REPLICA::{APP}#TLRayModel#{serving}"
+    assert victim in replica_names()
+    with Load(served["url"], concurrency=4) as load:
+        _wait(lambda: len(load.results) >= 8, 60, "answers before the kill")
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        _wait(lambda: replica_names() - {victim} and _replicas() >= 1, 90, "a replacement replica")
+    print(f"answers during the kill: {len(load.results)}, failed: {len(load.failures())}")
+    with Client(served["url"], retries=5) as client:
+        for _ in range(5):
+            assert len(client.predict(TEXTS)) == len(TEXTS)
+
+
+def test_model_swap_through_reconfigure_drops_no_request(served, models):
+    from tl_ray.serve.predictor import Predictor
+
+    config = json.loads(json.dumps(served["config"]))
+    config["applications"][0]["deployments"][0]["user_config"]["model"] = str(models["b"])
+    with Load(served["url"], concurrency=4) as load:
+        _wait(lambda: len(load.results) >= 8, 60, "answers before the swap")
+        _deploy_config(config)
+        _wait(lambda: any(model == str(models["b"]) for _, model in load.results[-4:]), 90, "answers from model b")
+        time.sleep(0.5)
+    assert not load.failures(), load.failures()[:3]
+    models_seen = [model for _, model in load.results]
+    assert models_seen[0] == str(models["a"]) and models_seen[-1] == str(models["b"])
+    got = httpx.post(f"{served['url']}/v1/predict", json={"texts": TEXTS}, timeout=30).json()["predictions"]
+    want = Predictor(models["b"]).predict(TEXTS)
+    assert [g["probabilities"] for g in got] == [pytest.approx(w["probabilities"], abs=1e-5) for w in want]
+
+
+def test_prometheus_metrics_count_requests_by_route(served):
+    import ray
+
+    node = next(n for n in ray.nodes() if n["Alive"])
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    assert served["cli"]["metrics"] == url
+    found: list[str] = []
+
+    def exported() -> bool:
+        text = httpx.get(url, timeout=10).text
+        found[:] = [line for line in text.splitlines() if line.startswith("ray_serve_num_http_requests")]
+        return any('route="/v1/predict"' in line or "/v1/predict" in line for line in found)
+
+    _wait(exported, 60, "ray_serve_num_http_requests in the metrics", every=2)
+
+
+def test_export_config_is_valid_and_refuses_an_open_host(tmp_path, models, monkeypatch):
+    monkeypatch.delenv("TL_RAY_SERVE_TOKEN", raising=False)
+    target = tmp_path / "deploy" / "serve.yaml"
+    (line,) = _cli("serve", str(models["a"]), "--export-config", str(target), "--max-replicas", "4")
+    assert line == {"config": str(target), "model": str(models["a"])}
+    config = yaml.safe_load(target.read_text(encoding="utf-8"))
+    (app,) = config["applications"]
+    assert app["import_path"] == "tl_ray.serve.app:build_app" and config["http_options"]["host"] == "127.0.0.1"
+    (deployment,) = app["deployments"]
+    assert deployment["autoscaling_config"]["max_replicas"] == 4
+    assert deployment["max_ongoing_requests"] >= 32 and deployment["user_config"] == {"model": str(models["a"]), "trial": None}
+    assert [p.name for p in target.parent.iterdir()] == ["serve.yaml"]  # no temp file left
+    assert main(["serve", str(models["a"]), "--host", "0.0.0.0", "--export-config", str(target)]) == 2
+    assert main(["serve", str(tmp_path), "--export-config", str(target)]) == 2
+    assert main(["serve", str(models["a"]), "--max-ongoing-requests-typo"]) == 2
