@@ -230,3 +230,10 @@ def test_validate_against_does_not_mutate_base():
     before = copy.deepcopy(cfg.model_dump())
     validate_against(load_space(SHIPPED), cfg, max_depth=6)
     assert cfg.model_dump() == before
+
+
+def test_to_dict_round_trips_in_order():
+    space = load_space(SHIPPED)
+    again = parse_space(space.to_dict())
+    assert again == space
+    assert list(space.to_dict()["params"]) == list(space.names)

@@ -117,6 +117,29 @@ class SearchSpace:
             values[p.name] = sampled[p.name] = value
         return sampled
 
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML/JSON form that `parse_space` reads back (parameter order kept).
+
+        >>> parse_space(space.to_dict()) == space
+        True
+        """
+        params: dict[str, Any] = {}
+        for p in self.params:
+            entry: dict[str, Any] = {"type": p.type}
+            if p.type == "categorical":
+                entry["choices"] = list(p.choices or ())
+            else:
+                entry.update(low=p.low, high=p.high, log=p.log)
+                if p.step is not None:
+                    entry["step"] = p.step
+            if p.when:
+                entry["when"] = {
+                    ref: {op: list(v) if isinstance(v, tuple) else v for op, v in tests.items()}
+                    for ref, tests in p.when.items()
+                }
+            params[p.name] = entry
+        return {"metric": self.metric, "mode": self.mode, "params": params}
+
     def without(self, names: Iterable[str]) -> SearchSpace:
         """Drop the parameters the user fixed (names not in the space are ignored).
 

@@ -175,7 +175,7 @@ def run_search(
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(
         folder / SEARCH_FILE,
-        {"config": cfg.model_dump(), "space": _space_raw(space), "created": time.time()},
+        {"config": cfg.model_dump(), "space": space.to_dict(), "created": time.time()},
     )
     return _launch(cfg, space, folder, address=address, echo=echo)
 
@@ -198,23 +198,6 @@ def resume_search(
         raw = apply_overrides(raw, [f"search.trials={trials}"])
     cfg = parse_config(raw)
     return _launch(cfg, parse_space(saved["space"]), folder, address=address, echo=echo)
-
-
-def _space_raw(space: SearchSpace) -> dict[str, Any]:
-    params = {}
-    for p in space.params:
-        entry: dict[str, Any] = {"type": p.type}
-        if p.type == "categorical":
-            entry["choices"] = list(p.choices)
-        else:
-            entry.update(low=p.low, high=p.high, log=p.log)
-            if p.step is not None:
-                entry["step"] = p.step
-        if p.when:
-            entry["when"] = {ref: {op: (list(v) if isinstance(v, tuple) else v) for op, v in c.items()}
-                             for ref, c in p.when.items()}
-        params[p.name] = entry
-    return {"metric": space.metric, "mode": space.mode, "params": params}
 
 
 def _launch(cfg: RunConfig, space: SearchSpace, folder: Path, *, address, echo) -> dict[str, Any]:
