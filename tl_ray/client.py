@@ -74,7 +74,9 @@ class Client:
         token = token if token is not None else os.environ.get(TOKEN_ENV, "").strip() or None
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.retries, self.backoff = retries, backoff
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
+        self._http = httpx.Client(
+            base_url=self.url, headers=headers, timeout=timeout, transport=transport
+        )
 
     def __enter__(self) -> Client:
         return self
@@ -109,9 +111,8 @@ class Client:
                 self._wait(attempt, response)
                 continue
             if response.status_code >= 400:
-                raise ClientError(
-                    f"{method} {path} -> {response.status_code}: {_detail(response)}", response.status_code
-                )
+                status = response.status_code
+                raise ClientError(f"{method} {path} -> {status}: {_detail(response)}", status)
             return response.json()
         raise AssertionError("unreachable")
 

@@ -1,5 +1,6 @@
-"""The Serve endpoint for real, on loopback: one tiny model deployed from an exported config
-(`serve deploy` path) and one deployed by `tl-ray serve --detach` with a token.
+"""The Serve endpoint for real, on loopback, with a tiny model: app `tlr` is deployed from the
+config `tl-ray serve --export-config` writes (the `serve deploy` path), app `cli` by
+`tl-ray serve --detach` with a bearer token.
 
 Order matters and is kept: correctness and bad input on one replica, then batching,
 autoscaling up and down, a killed replica, a model swap under load, metrics.
@@ -8,6 +9,7 @@ autoscaling up and down, a killed replica, a model swap under load, metrics.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -25,9 +27,11 @@ from tl_ray.client import Client
 
 TEXTS = ["a good, moving film", "dull and tedious", "the plot is weak but the actors are great"]
 APP, CLI_APP, TOKEN = "tlr", "cli", "test-token-123"
-TLR_OPTIONS = [  # small limits and fast autoscaling, so every behaviour shows in seconds
-    "--num-cpus", "0.25", "--min-replicas", "1", "--max-replicas", "2", "--target-ongoing-requests", "2",
-    "--upscale-delay-s", "0.5", "--downscale-delay-s", "2", "--max-batch-size", "8", "--batch-wait-ms", "50",
+# Small limits and fast autoscaling, so every behaviour shows within seconds.
+TLR_OPTIONS = [
+    "--num-cpus", "0.25", "--min-replicas", "1", "--max-replicas", "2",
+    "--target-ongoing-requests", "2", "--upscale-delay-s", "0.5", "--downscale-delay-s", "2",
+    "--max-batch-size", "8", "--batch-wait-ms", "50",
     "--max-texts", "4", "--max-text-chars", "100", "--max-body-bytes", "2048",
 ]  # fmt: skip
 
@@ -39,6 +43,7 @@ def _free_port() -> int:
 
 
 def _model_folder(folder: Path, tiny_bert: str, seed: int) -> Path:
+    """A checkpoint folder without training: the tiny BERT and a fresh, seeded head."""
     import torch
 
     from tl_ray.backbones.registry import get_backbone
@@ -49,8 +54,10 @@ def _model_folder(folder: Path, tiny_bert: str, seed: int) -> Path:
     torch.manual_seed(seed)
     backbone = get_backbone(HFTextConfig(name_or_path=tiny_bert, unfreeze_depth=1))
     folder.mkdir(parents=True)
-    write_model_folder(folder, backbone, backbone.build(2), LabelMap(("neg", "pos")), metrics={"val_accuracy": 0.75},
-                       epoch=1, extra={"max_length": 32})  # fmt: skip
+    labels = LabelMap(("neg", "pos"))
+    metrics = {"val_accuracy": 0.75}
+    write_model_folder(folder, backbone, backbone.build(2), labels, metrics=metrics, epoch=1,
+                       extra={"max_length": 32})  # fmt: skip
     return folder
 
 
@@ -61,11 +68,18 @@ def _cli(*argv: str) -> list[dict]:
     return [json.loads(line) for line in out.getvalue().splitlines() if line.startswith("{")]
 
 
-def _replicas(app: str = APP) -> int:
+def _replicas() -> int:
     from ray import serve
 
-    status = serve.status().applications[app].deployments["TLRayModel"]
+    status = serve.status().applications[APP].deployments["TLRayModel"]
     return status.replica_states.get("RUNNING", 0)
+
+
+def _replica_names() -> set[str]:
+    import ray
+
+    names = {actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)}
+    return {name for name in names if name.startswith(f"SERVE_REPLICA::{APP}#")}
 
 
 def _wait(condition, timeout: float, what: str, every: float = 0.25) -> None:
@@ -77,26 +91,32 @@ def _wait(condition, timeout: float, what: str, every: float = 0.25) -> None:
 
 
 def _deploy_config(config: dict) -> None:
+    """What `serve deploy FILE` does: PUT the config to the dashboard's Serve REST API."""
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
     ServeSubmissionClient(os.environ["RAY_API_SERVER_ADDRESS"]).deploy_applications(config)
 
 
-class Load:
-    """`concurrency` threads posting one text each, back to back, until stopped."""
+def _post(url: str, texts: list[str]) -> httpx.Response:
+    return httpx.post(f"{url}/v1/predict", json={"texts": texts}, timeout=30)
 
-    def __init__(self, url: str, concurrency: int, headers: dict | None = None) -> None:
-        self.url, self.headers, self.stop = url, headers or {}, threading.Event()
-        self.results: list[tuple[int, str | None]] = []
+
+class Load:
+    """`concurrency` threads posting one text each, back to back, until the block ends."""
+
+    def __init__(self, url: str, concurrency: int) -> None:
+        self.url, self.stop = url, threading.Event()
+        self.results: list[tuple[int, str]] = []  # (status, model path or error)
         self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(concurrency)]
 
     def _run(self, i: int) -> None:
-        with httpx.Client(timeout=30, headers=self.headers) as http:
+        with httpx.Client(timeout=30) as http:
             while not self.stop.is_set():
                 try:
-                    answer = http.post(f"{self.url}/v1/predict", json={"texts": [TEXTS[i % len(TEXTS)]]})
-                    model = answer.json()["model"]["path"] if answer.status_code == 200 else answer.text
-                    self.results.append((answer.status_code, model))
+                    answer = http.post(f"{self.url}/v1/predict", json={"texts": [TEXTS[i % 3]]})
+                    ok = answer.status_code == 200
+                    detail = answer.json()["model"]["path"] if ok else answer.text
+                    self.results.append((answer.status_code, detail))
                 except httpx.HTTPError as error:
                     self.results.append((0, repr(error)))
 
@@ -110,47 +130,47 @@ class Load:
         for thread in self.threads:
             thread.join()
 
-    def failures(self) -> list[tuple[int, str | None]]:
+    def failures(self) -> list[tuple[int, str]]:
         return [result for result in self.results if result[0] != 200]
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tiny_bert) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("serve")
-    experiment = root / "experiment"
-    experiment.mkdir()
+    (root / "experiment").mkdir()
     model_a = _model_folder(root / "model-a", tiny_bert, seed=1)
-    best = {"trial": 7, "epoch": 1, "metric": "val_accuracy", "value": 0.75, "params": {"train.lr": 1e-4},
-            "metrics": {"val_accuracy": 0.75}, "checkpoint": None, "model": str(model_a)}  # fmt: skip
-    (experiment / "best.json").write_text(json.dumps(best), encoding="utf-8")
+    best = {"trial": 7, "epoch": 1, "metric": "val_accuracy", "value": 0.75,
+            "params": {"train.lr": 1e-4}, "metrics": {"val_accuracy": 0.75},
+            "checkpoint": None, "model": str(model_a)}  # fmt: skip
+    (root / "experiment" / "best.json").write_text(json.dumps(best), encoding="utf-8")
     (root / "token").write_text(TOKEN + "\n", encoding="utf-8")
-    return {"experiment": experiment, "a": model_a, "b": _model_folder(root / "model-b", tiny_bert, seed=2),
+    model_b = _model_folder(root / "model-b", tiny_bert, seed=2)
+    return {"experiment": root / "experiment", "a": model_a, "b": model_b,
             "token": root / "token", "config": root / "serve.yaml"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def served(ray_session, models):
-    """Serve on a free port with app `tlr` (from the exported config) and `cli` (token)."""
+    """Serve on a free port with apps `tlr` (exported config) and `cli` (token); shut after."""
     from ray import serve
 
-    t0 = time.monotonic()
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    _cli("serve", str(models["experiment"]), "--export-config", str(models["config"]), "--name", APP,
-         "--port", str(port), *TLR_OPTIONS)  # fmt: skip
+    experiment, config_file = str(models["experiment"]), str(models["config"])
+    _cli("serve", experiment, "--export-config", config_file, "--name", APP, "--port", str(port),
+         *TLR_OPTIONS)  # fmt: skip
     config = yaml.safe_load(models["config"].read_text(encoding="utf-8"))
-    # Fast autoscaling for the test (Serve's own defaults are 10 s / 30 s).
-    config["applications"][0]["deployments"][0]["autoscaling_config"].update(metrics_interval_s=0.5, look_back_period_s=2)
-    print("TIMING serve.start+export", time.monotonic() - t0)
+    # Fast autoscaling metrics for the test (Serve's defaults are 10 s and 30 s).
+    autoscaling = config["applications"][0]["deployments"][0]["autoscaling_config"]
+    autoscaling.update(metrics_interval_s=0.5, look_back_period_s=2)
     _deploy_config(config)
-    (info,) = _cli("serve", str(models["experiment"]), "--detach", "--name", CLI_APP, "--route-prefix", "/cli",
+    (info,) = _cli("serve", experiment, "--detach", "--name", CLI_APP, "--route-prefix", "/cli",
                    "--host", "127.0.0.1", "--port", str(port), "--token-file", str(models["token"]),
-                   "--num-cpus", "0.25", "--max-replicas", "1", "--truncate", "--max-text-chars", "10")  # fmt: skip
-    print("TIMING cli", time.monotonic() - t0)
-    _wait(lambda: serve.status().applications[APP].status == "RUNNING", 120, f"app {APP} to run")
-    print("TIMING all", time.monotonic() - t0)
+                   "--num-cpus", "0.25", "--max-replicas", "1", "--truncate",
+                   "--max-text-chars", "10")  # fmt: skip
+    _wait(lambda: serve.status().applications[APP].status == "RUNNING", 120, f"app {APP}")
     try:
-        yield {"url": f"http://127.0.0.1:{port}", "port": port, "config": config, "cli": info}
+        yield {"url": f"http://127.0.0.1:{port}", "config": config, "cli": info}
     finally:
         serve.shutdown()
 
@@ -167,9 +187,12 @@ def test_predictions_over_http_equal_the_predictor(served, models):
         assert got["label"] == want["label"]
         assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-5)
     assert answer["model"] == {"path": str(models["a"]), "backbone": described["backbone"], "trial": 7}
-    assert described["labels"] == ["neg", "pos"] and described["depth"] == 1 and described["kind"] == "hf-text"
-    assert described["metrics"] == {"val_accuracy": 0.75} and described["trial"]["params"] == {"train.lr": 1e-4}
-    assert httpx.get(f"{served['url']}/openapi.json").json()["paths"].keys() >= {"/v1/predict", "/healthz", "/v1/model"}
+    assert described["labels"] == ["neg", "pos"]
+    assert (described["depth"], described["kind"]) == (1, "hf-text")
+    assert described["metrics"] == {"val_accuracy": 0.75}
+    assert described["trial"]["params"] == {"train.lr": 1e-4}
+    paths = httpx.get(f"{served['url']}/openapi.json").json()["paths"]
+    assert {"/v1/predict", "/healthz", "/v1/model"} <= paths.keys()
     assert httpx.get(f"{served['url']}/docs").status_code == 200
 
 
@@ -185,7 +208,7 @@ def test_predictions_over_http_equal_the_predictor(served, models):
         (b'{"texts": ["unclosed"', 400, "malformed JSON"),
         (b"", 400, "empty request body"),
         (b"x" * 5000, 413, "the limit is 2048"),
-        (iter([b"x" * 1000] * 3), 413, "over the limit of 2048 bytes"),  # chunked: no Content-Length
+        (iter([b"x" * 1000] * 3), 413, "over the limit of 2048 bytes"),  # chunked, no length
     ],
 )
 def test_bad_request_gets_its_4xx_and_the_server_keeps_serving(served, body, status, message):
@@ -193,21 +216,24 @@ def test_bad_request_gets_its_4xx_and_the_server_keeps_serving(served, body, sta
     answer = httpx.post(f"{served['url']}/v1/predict", timeout=30, **sent)
     assert answer.status_code == status, answer.text
     assert message in answer.json()["detail"]
-    good = httpx.post(f"{served['url']}/v1/predict", json={"texts": TEXTS[:1]}, timeout=30)
+    good = _post(served["url"], TEXTS[:1])
     assert good.status_code == 200, good.text
 
 
 def test_token_protects_the_cli_deployed_app_and_query_prints_json(served, models):
-    url = served["cli"]["url"]
+    url, token_file = served["cli"]["url"], str(models["token"])
     assert url == f"{served['url']}/cli" and served["cli"]["trial"] == 7
-    assert httpx.post(f"{url}/v1/predict", json={"texts": ["hi"]}).status_code == 401
-    wrong = httpx.post(f"{url}/v1/predict", json={"texts": ["hi"]}, headers={"Authorization": "Bearer nope"})
+    assert _post(url, ["hi"]).status_code == 401
+    bad_token = {"Authorization": "Bearer x"}
+    wrong = httpx.post(f"{url}/v1/predict", json={"texts": ["hi"]}, headers=bad_token)
     assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
     assert httpx.get(f"{url}/v1/model").status_code == 401
     assert httpx.get(f"{url}/healthz").status_code == 200  # probes need no token
-    lines = _cli("query", url, "a very long text, cut to ten characters", "short", "--token-file", str(models["token"]))
-    assert [line["text"] for line in lines] == ["a very long text, cut to ten characters", "short"]
-    assert all(set(line) == {"text", "label", "score", "probabilities"} for line in lines)
+    long_text = "a very long text, cut to ten characters"  # this app truncates at 10
+    lines = _cli("query", url, long_text, long_text[:10], "--token-file", token_file)
+    assert [line["text"] for line in lines] == [long_text, long_text[:10]]
+    assert set(lines[0]) == {"text", "label", "score", "probabilities"}
+    assert lines[0]["probabilities"] == lines[1]["probabilities"]
 
 
 def test_concurrent_requests_are_batched(served):
@@ -230,17 +256,13 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served):
 def test_killed_replica_is_replaced_and_requests_succeed_after(served):
     import ray
 
-    def replica_names() -> set[str]:
-        actors = ray.util.list_named_actors(all_namespaces=True)
-        return {a["name"] for a in actors if a["name"].startswith(f"SERVE_REPLICA::{APP}#")}
-
     serving = httpx.get(f"{served['url']}/v1/model").json()["stats"]["replica"]
     victim = f"SERVE_REPLICA::{APP}#TLRayModel#{serving}"
-    assert victim in replica_names()
+    assert victim in _replica_names()
     with Load(served["url"], concurrency=4) as load:
         _wait(lambda: len(load.results) >= 8, 60, "answers before the kill")
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-        _wait(lambda: replica_names() - {victim} and _replicas() >= 1, 90, "a replacement replica")
+        _wait(lambda: _replica_names() - {victim} and _replicas() >= 1, 90, "a new replica")
     print(f"answers during the kill: {len(load.results)}, failed: {len(load.failures())}")
     with Client(served["url"], retries=5) as client:
         for _ in range(5):
@@ -250,19 +272,25 @@ def test_killed_replica_is_replaced_and_requests_succeed_after(served):
 def test_model_swap_through_reconfigure_drops_no_request(served, models):
     from tl_ray.serve.predictor import Predictor
 
-    config = json.loads(json.dumps(served["config"]))
-    config["applications"][0]["deployments"][0]["user_config"]["model"] = str(models["b"])
+    config = copy.deepcopy(served["config"])
+    deployment = config["applications"][0]["deployments"][0]
+    deployment["autoscaling_config"].update(min_replicas=1, max_replicas=1)  # replicas stay put
+    _deploy_config(config)  # a lightweight update as well
+    _wait(lambda: _replicas() == 1 and len(_replica_names()) == 1, 60, "one replica")
+    before, new = _replica_names(), str(models["b"])
+    deployment["user_config"]["model"] = new
     with Load(served["url"], concurrency=4) as load:
         _wait(lambda: len(load.results) >= 8, 60, "answers before the swap")
         _deploy_config(config)
-        _wait(lambda: any(model == str(models["b"]) for _, model in load.results[-4:]), 90, "answers from model b")
+        _wait(lambda: any(model == new for _, model in load.results[-4:]), 90, "model b")
         time.sleep(0.5)
     assert not load.failures(), load.failures()[:3]
-    models_seen = [model for _, model in load.results]
-    assert models_seen[0] == str(models["a"]) and models_seen[-1] == str(models["b"])
-    got = httpx.post(f"{served['url']}/v1/predict", json={"texts": TEXTS}, timeout=30).json()["predictions"]
+    assert _replica_names() == before  # reconfigured in place, not replaced
+    assert load.results[0][1] == str(models["a"]) and load.results[-1][1] == new
+    got = _post(served["url"], TEXTS).json()["predictions"]
     want = Predictor(models["b"]).predict(TEXTS)
-    assert [g["probabilities"] for g in got] == [pytest.approx(w["probabilities"], abs=1e-5) for w in want]
+    for one, other in zip(got, want, strict=True):
+        assert one["probabilities"] == pytest.approx(other["probabilities"], abs=1e-5)
 
 
 def test_prometheus_metrics_count_requests_by_route(served):
@@ -271,28 +299,30 @@ def test_prometheus_metrics_count_requests_by_route(served):
     node = next(n for n in ray.nodes() if n["Alive"])
     url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
     assert served["cli"]["metrics"] == url
-    found: list[str] = []
+    wanted = {"ray_serve_num_http_requests_total", "ray_serve_http_request_latency_ms_bucket"}
 
     def exported() -> bool:
-        text = httpx.get(url, timeout=10).text
-        found[:] = [line for line in text.splitlines() if line.startswith("ray_serve_num_http_requests")]
-        return any('route="/v1/predict"' in line or "/v1/predict" in line for line in found)
+        lines = httpx.get(url, timeout=10).text.splitlines()
+        ours = [x for x in lines if f'application="{APP}"' in x and 'route="/v1/predict"' in x]
+        return wanted <= {line.split("{", 1)[0] for line in ours}
 
-    _wait(exported, 60, "ray_serve_num_http_requests in the metrics", every=2)
+    _wait(exported, 60, "request counts and latencies of /v1/predict in the metrics", every=2)
 
 
 def test_export_config_is_valid_and_refuses_an_open_host(tmp_path, models, monkeypatch):
     monkeypatch.delenv("TL_RAY_SERVE_TOKEN", raising=False)
-    target = tmp_path / "deploy" / "serve.yaml"
-    (line,) = _cli("serve", str(models["a"]), "--export-config", str(target), "--max-replicas", "4")
-    assert line == {"config": str(target), "model": str(models["a"])}
+    target, model = tmp_path / "deploy" / "serve.yaml", str(models["a"])
+    (line,) = _cli("serve", model, "--export-config", str(target), "--max-replicas", "4")
+    assert line == {"config": str(target), "model": model}
     config = yaml.safe_load(target.read_text(encoding="utf-8"))
+    assert config["http_options"]["host"] == "127.0.0.1"
     (app,) = config["applications"]
-    assert app["import_path"] == "tl_ray.serve.app:build_app" and config["http_options"]["host"] == "127.0.0.1"
+    assert app["import_path"] == "tl_ray.serve.app:build_app"
     (deployment,) = app["deployments"]
     assert deployment["autoscaling_config"]["max_replicas"] == 4
-    assert deployment["max_ongoing_requests"] >= 32 and deployment["user_config"] == {"model": str(models["a"]), "trial": None}
+    assert deployment["max_ongoing_requests"] >= 32
+    assert deployment["user_config"] == {"model": model, "trial": None}
     assert [p.name for p in target.parent.iterdir()] == ["serve.yaml"]  # no temp file left
-    assert main(["serve", str(models["a"]), "--host", "0.0.0.0", "--export-config", str(target)]) == 2
+    assert main(["serve", model, "--host", "0.0.0.0", "--export-config", str(target)]) == 2
     assert main(["serve", str(tmp_path), "--export-config", str(target)]) == 2
-    assert main(["serve", str(models["a"]), "--max-ongoing-requests-typo"]) == 2
+    assert main(["serve", model, "--min-replicas", "3", "--export-config", str(target)]) == 2

@@ -101,7 +101,8 @@ def test_client_sends_the_token_from_env_or_file(endpoint, tmp_path, monkeypatch
         assert client.model() == {"backbone": "minilm"} and client.healthy()
     (tmp_path / "token").write_text("from-file\n", encoding="utf-8")
     predict(endpoint.url, ["a"], token_file=tmp_path / "token")
-    assert [auth for _, _, auth in endpoint.seen] == ["Bearer from-env", "Bearer from-env", "Bearer from-file"]
+    sent = [auth for _, _, auth in endpoint.seen]
+    assert sent == ["Bearer from-env", "Bearer from-env", "Bearer from-file"]
 
 
 @pytest.mark.parametrize("endpoint", [([], 1.0)], indirect=True)

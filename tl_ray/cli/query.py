@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -13,16 +14,17 @@ from tl_ray.errors import DataError
 
 @app.command()
 def query(
-    url: str = typer.Argument(..., help="Endpoint, e.g. http://127.0.0.1:8000 (or .../v1/predict)."),
+    url: str = typer.Argument(..., help="Endpoint, e.g. http://127.0.0.1:8000"),
     texts: list[str] = typer.Argument(None, help="Texts to classify."),
-    token_file: Optional[Path] = typer.Option(None, help="Bearer token file (default: $TL_RAY_SERVE_TOKEN)."),
+    token_file: Optional[Path] = typer.Option(None, help="Bearer token file (else $TL_RAY_SERVE_TOKEN)."),
     timeout: float = typer.Option(30.0, help="Seconds per attempt."),
     retries: int = typer.Option(3, help="Retries on 503 or a refused connection."),
-    model: bool = typer.Option(False, "--model", help="Print the served model's description instead."),
+    model: bool = typer.Option(False, "--model", help="Print the served model's description."),
 ) -> None:
     """Print one JSON line per text: label, score and every class probability."""
     from tl_ray.client import Client
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     if not texts and not model:
         raise DataError('nothing to query: pass texts, e.g. tl-ray query URL "a fine film"')
     with Client(url, token_file=token_file, timeout=timeout, retries=retries) as client:

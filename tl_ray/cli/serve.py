@@ -20,14 +20,17 @@ from pydantic import ValidationError
 
 from tl_ray.cli.app import app, emit
 from tl_ray.errors import CheckpointError, ConfigError
+from tl_ray.serve.api import ServeArgs, token_digest
 
 __all__ = ["resolve_target", "serve_config", "write_serve_config"]
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 # Options the config's `deployments:` section carries (editable there without a rebuild).
-_DEPLOYMENT_KEYS = {"min_replicas", "max_replicas", "target_ongoing_requests", "max_ongoing_requests",
-                    "upscale_delay_s", "downscale_delay_s", "look_back_period_s", "metrics_interval_s",
-                    "num_cpus", "num_gpus", "model", "trial"}  # fmt: skip
+_DEPLOYMENT_KEYS = {
+    "min_replicas", "max_replicas", "target_ongoing_requests", "max_ongoing_requests",
+    "upscale_delay_s", "downscale_delay_s", "look_back_period_s", "metrics_interval_s",
+    "num_cpus", "num_gpus", "model", "trial",
+}  # fmt: skip
 _HEADER = """\
 # tl-ray Serve config: `serve deploy THIS_FILE`, or a KubeRay RayService's serveConfigV2.
 # The cluster needs tl-ray installed and the model folder readable by every replica.
@@ -50,21 +53,29 @@ def resolve_target(target: Path) -> tuple[Path, dict[str, Any] | None]:
         if not model.is_dir():
             model = target / "model"
         if not (model / MANIFEST_FILE).is_file():
-            raise CheckpointError(f"{target / BEST_FILE} names no exported model folder; rerun the search export")
+            raise CheckpointError(f"{target / BEST_FILE} names no exported model folder")
         keys = ("trial", "epoch", "metric", "value", "params", "metrics")
         trial = {key: best.get(key) for key in keys}
     elif target.is_dir() and (target / MANIFEST_FILE).is_file():
         model, trial = target, None
     else:
         raise CheckpointError(
-            f"{target} is neither an experiment folder (no {BEST_FILE}) nor a checkpoint (no {MANIFEST_FILE})"
+            f"{target} is neither an experiment folder (no {BEST_FILE}) "
+            f"nor a checkpoint folder (no {MANIFEST_FILE})"
         )
     read_manifest(model)
     return model.resolve(), trial
 
 
-def serve_config(args: Any, *, name: str, route_prefix: str, host: str, port: int) -> dict[str, Any]:
-    """A Serve config (ServeDeploySchema) for `args`: app args plus a `deployments` override."""
+def serve_config(
+    args: ServeArgs, *, name: str, route_prefix: str, host: str, port: int
+) -> dict[str, Any]:
+    """A Serve config (ServeDeploySchema) for `args`: app args plus a `deployments` override.
+
+    >>> serve_config(ServeArgs(model="/m"), name="tl-ray", route_prefix="/", host="127.0.0.1",
+    ...              port=8000)["applications"][0]["deployments"][0]["user_config"]
+    {'model': '/m', 'trial': None}
+    """
     from ray.serve.schema import ServeDeploySchema
 
     from tl_ray.serve.app import DEPLOYMENT
@@ -113,9 +124,7 @@ def _token(token_file: Path | None) -> str | None:
     return os.environ.get(TOKEN_ENV, "").strip() or None
 
 
-def _args(settings: dict[str, Any]):  # -> ServeArgs
-    from tl_ray.serve.app import ServeArgs
-
+def _args(settings: dict[str, Any]) -> ServeArgs:
     try:
         return ServeArgs.model_validate(settings)
     except ValidationError as error:
@@ -125,7 +134,8 @@ def _args(settings: dict[str, Any]):  # -> ServeArgs
         raise ConfigError(f"{where}{message}") from None
 
 
-def _deploy(args: Any, *, address: str | None, name: str, route_prefix: str, host: str, port: int) -> dict[str, Any]:
+def _deploy(args: ServeArgs, *, address: str | None, name: str, prefix: str, host: str, port: int):
+    """Start (or join) Ray and Serve, run the app; the JSON line describing the endpoint."""
     import ray
     from ray import serve
 
@@ -134,54 +144,77 @@ def _deploy(args: Any, *, address: str | None, name: str, route_prefix: str, hos
 
     ensure_ray(address)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(args), name=name, route_prefix=route_prefix, blocking=False)
+    serve.run(build_app(args), name=name, route_prefix=prefix, blocking=False)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    url = f"http://{shown}:{port}{route_prefix.rstrip('/')}"
+    url = f"http://{shown}:{port}{prefix.rstrip('/')}"
     node = next((n for n in ray.nodes() if n.get("Alive")), {})
-    metrics = f"http://{node.get('NodeManagerAddress', shown)}:{node.get('MetricsExportPort')}/metrics"
-    return {"url": url, "docs": f"{url}/docs", "metrics": metrics, "app": name, "model": args.model,
-            "trial": (args.trial or {}).get("trial")}  # fmt: skip
+    metrics = f"http://{node.get('NodeManagerAddress')}:{node.get('MetricsExportPort')}/metrics"
+    trial = (args.trial or {}).get("trial")
+    return {"url": url, "docs": f"{url}/docs", "metrics": metrics, "app": name,
+            "model": args.model, "trial": trial}  # fmt: skip
+
+
+_opt = typer.Option
 
 
 @app.command()
 def serve(
-    target: Path = typer.Argument(..., help="Experiment folder (serves best.json's model) or checkpoint folder."),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (default: RAY_ADDRESS or a local Ray)."),
-    host: Optional[str] = typer.Option(None, help="Bind address (default 127.0.0.1; 0.0.0.0 with a token)."),
-    port: int = typer.Option(8000, help="HTTP port of Serve's proxy."),
-    name: str = typer.Option("tl-ray", help="Serve application name."),
-    route_prefix: str = typer.Option("/", help="URL prefix of the application."),
-    min_replicas: int = typer.Option(1), max_replicas: int = typer.Option(2),
-    target_ongoing_requests: Optional[float] = typer.Option(None, help="Per replica (default: the max batch size)."),
-    upscale_delay_s: float = typer.Option(5.0), downscale_delay_s: float = typer.Option(60.0),
-    max_batch_size: int = typer.Option(32, help="Most texts per model call."),
-    batch_wait_ms: float = typer.Option(10.0, help="How long a batch waits to fill."),
-    num_cpus: float = typer.Option(1.0, help="CPUs per replica."), num_gpus: float = typer.Option(0.0, help="GPUs per replica."),
-    max_texts: int = typer.Option(64, help="Most texts per request."),
-    max_text_chars: int = typer.Option(2000, help="Longest text (characters)."),
-    truncate: bool = typer.Option(False, "--truncate", help="Cut texts over --max-text-chars instead of rejecting them."),
-    max_body_bytes: int = typer.Option(1_000_000, help="Largest request body (413 above)."),
-    token_file: Optional[Path] = typer.Option(None, help="Bearer token file (default: $TL_RAY_SERVE_TOKEN)."),
-    insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback --host without a token."),
-    export_config: Optional[Path] = typer.Option(None, help="Write a Serve config YAML here and exit."),
-    detach: bool = typer.Option(False, "--detach", help="Return after deploying (needs a running cluster)."),
-) -> None:  # fmt: skip
+    target: Path = typer.Argument(..., help="Experiment folder (best.json) or checkpoint folder."),
+    address: Optional[str] = _opt(None, help="Ray cluster to join (default: RAY_ADDRESS, or local)."),
+    host: Optional[str] = _opt(None, help="Bind address (default 127.0.0.1; 0.0.0.0 with a token)."),
+    port: int = _opt(8000, help="HTTP port of Serve's proxy."),
+    name: str = _opt("tl-ray", help="Serve application name."),
+    route_prefix: str = _opt("/", help="URL prefix of the application."),
+    min_replicas: int = _opt(1),
+    max_replicas: int = _opt(2),
+    target_ongoing_requests: Optional[float] = _opt(None, help="Per replica (default: batch size)."),
+    upscale_delay_s: float = _opt(5.0),
+    downscale_delay_s: float = _opt(60.0),
+    max_batch_size: int = _opt(32, help="Most texts per batch."),
+    batch_wait_ms: float = _opt(10.0, help="How long a batch may wait to fill."),
+    num_cpus: float = _opt(1.0, help="CPUs per replica."),
+    num_gpus: float = _opt(0.0, help="GPUs per replica."),
+    max_texts: int = _opt(64, help="Most texts per request."),
+    max_text_chars: int = _opt(2000, help="Longest text (characters)."),
+    truncate: bool = _opt(False, "--truncate", help="Cut longer texts instead of rejecting them."),
+    max_body_bytes: int = _opt(1_000_000, help="Largest request body (413 above)."),
+    token_file: Optional[Path] = _opt(None, help="Bearer token file (default: $TL_RAY_SERVE_TOKEN)."),
+    insecure: bool = _opt(False, "--insecure", help="Allow a non-loopback --host without a token."),
+    export_config: Optional[Path] = _opt(None, help="Write a Serve config YAML here and exit."),
+    detach: bool = _opt(False, "--detach", help="Return after deploying (needs a running cluster)."),
+) -> None:
     """Deploy the model behind an autoscaling, batching HTTP endpoint (Ctrl-C stops it)."""
-    from tl_ray.serve.app import token_digest
-
     model, trial = resolve_target(target)
     token = _token(token_file)
     host = host or ("0.0.0.0" if token else "127.0.0.1")
     if host not in _LOOPBACK and not token and not insecure:
-        raise ConfigError(f"--host {host} without a token exposes the model; set $TL_RAY_SERVE_TOKEN or --token-file, or pass --insecure")
-    limits = {"max_texts": max_texts, "max_text_chars": max_text_chars, "max_body_bytes": max_body_bytes,
-              "long_texts": "truncate" if truncate else "reject"}  # fmt: skip
-    args = _args(dict(
-        model=str(model), trial=trial, min_replicas=min_replicas, max_replicas=max_replicas,
-        target_ongoing_requests=target_ongoing_requests, upscale_delay_s=upscale_delay_s,
-        downscale_delay_s=downscale_delay_s, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
-        num_cpus=num_cpus, num_gpus=num_gpus, limits=limits, token_sha256=token_digest(token) if token else None,
-    ))  # fmt: skip
+        raise ConfigError(
+            f"--host {host} without a token exposes the model to the network; "
+            "set $TL_RAY_SERVE_TOKEN or --token-file, or pass --insecure"
+        )
+    limits = {
+        "max_texts": max_texts,
+        "max_text_chars": max_text_chars,
+        "max_body_bytes": max_body_bytes,
+        "long_texts": "truncate" if truncate else "reject",
+    }
+    args = _args(
+        {
+            "model": str(model),
+            "trial": trial,
+            "min_replicas": min_replicas,
+            "max_replicas": max_replicas,
+            "target_ongoing_requests": target_ongoing_requests,
+            "upscale_delay_s": upscale_delay_s,
+            "downscale_delay_s": downscale_delay_s,
+            "max_batch_size": max_batch_size,
+            "batch_wait_ms": batch_wait_ms,
+            "num_cpus": num_cpus,
+            "num_gpus": num_gpus,
+            "limits": limits,
+            "token_sha256": token_digest(token) if token else None,
+        }
+    )
     if export_config is not None:
         config = serve_config(args, name=name, route_prefix=route_prefix, host=host, port=port)
         emit({"config": str(write_serve_config(config, export_config)), "model": str(model)})
@@ -189,8 +222,8 @@ def serve(
     import ray
 
     if detach and not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
-        raise ConfigError("--detach needs --address (or RAY_ADDRESS): an embedded Ray stops with this command")
-    emit(_deploy(args, address=address, name=name, route_prefix=route_prefix, host=host, port=port))
+        raise ConfigError("--detach needs --address or RAY_ADDRESS: a local Ray ends with this command")
+    emit(_deploy(args, address=address, name=name, prefix=route_prefix, host=host, port=port))
     if not detach:
         _wait_for_interrupt(name)
 

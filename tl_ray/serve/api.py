@@ -1,6 +1,5 @@
-"""The HTTP contract of the serving endpoint: request/response models and request checks.
-
-Plain pydantic, no Ray: the Serve deployment (`tl_ray.serve.app`) and the client share it.
+"""The serving contract, plain pydantic (no Ray): request/response models, request checks,
+and `ServeArgs`, the typed arguments of the Serve application (`tl_ray.serve.app`).
 
 Example:
     >>> limits = Limits(max_texts=2, max_text_chars=20)
@@ -15,18 +14,31 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "Limits",
     "ModelInfo",
+    "ModelSlot",
+    "ServeArgs",
     "PredictRequest",
     "PredictResponse",
     "Prediction",
     "RequestError",
     "parse_predict_body",
+    "token_digest",
 ]
 
 
@@ -47,13 +59,15 @@ class Limits(BaseModel):
     max_texts: int = Field(default=64, ge=1, description="Most texts in one request.")
     max_text_chars: int = Field(default=2000, ge=1, description="Most characters in one text.")
     long_texts: Literal["reject", "truncate"] = "reject"
-    max_body_bytes: int = Field(default=1_000_000, ge=64, description="Largest request body (413 above).")
+    max_body_bytes: int = Field(default=1_000_000, ge=64, description="Largest body (413 above).")
 
 
 class PredictRequest(BaseModel):
     """`POST /v1/predict` body: `{"texts": ["...", ...]}` (limits come from the server)."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"texts": ["a gripping, funny film"]}]})
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"texts": ["a gripping, funny film"]}]}
+    )
 
     texts: list[StrictStr] = Field(min_length=1, description="Texts to classify, in order.")
 
@@ -114,7 +128,8 @@ def _describe(error: ValidationError) -> str:
 def parse_predict_body(body: bytes, limits: Limits) -> PredictRequest:
     """Validate a raw request body; RequestError(413 | 400 | 422) says what is wrong."""
     if len(body) > limits.max_body_bytes:
-        raise RequestError(413, f"request body has {len(body)} bytes; the limit is {limits.max_body_bytes}")
+        limit = limits.max_body_bytes
+        raise RequestError(413, f"request body has {len(body)} bytes; the limit is {limit}")
     if not body.strip():
         raise RequestError(400, 'empty request body; send JSON like {"texts": ["..."]}')
     try:
@@ -122,5 +137,84 @@ def parse_predict_body(body: bytes, limits: Limits) -> PredictRequest:
     except ValidationError as error:
         if any(item["type"] == "json_invalid" for item in error.errors()):
             detail = error.errors(include_url=False)[0]["ctx"].get("error", "invalid JSON")
-            raise RequestError(400, f'malformed JSON body ({detail}); send {{"texts": ["..."]}}') from None
+            message = f'malformed JSON body ({detail}); send {{"texts": ["..."]}}'
+            raise RequestError(400, message) from None
         raise RequestError(422, _describe(error)) from None
+
+
+class ModelSlot(BaseModel):
+    """The deployment's `user_config`: which folder to serve and the trial it came from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    trial: dict[str, Any] | None = None
+
+
+class ServeArgs(BaseModel):
+    """Typed arguments of `build_app` (the `args:` of a Serve config file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(default=None, description="Checkpoint folder (user_config.model).")
+    trial: dict[str, Any] | None = Field(default=None, description="best.json summary.")
+    max_batch_size: int = Field(default=32, ge=1, description="Most texts in one batch.")
+    batch_wait_ms: float = Field(default=10.0, ge=0, description="How long a batch may wait.")
+    sub_batch_size: int = Field(default=8, ge=1, description="Texts per length-sorted model call.")
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=2, ge=1)
+    target_ongoing_requests: float | None = Field(default=None, gt=0, description="Default: batch.")
+    max_ongoing_requests: int | None = Field(default=None, ge=1, description="Default: 2 batches.")
+    upscale_delay_s: float = Field(default=5.0, ge=0)
+    downscale_delay_s: float = Field(default=60.0, ge=0)
+    look_back_period_s: float = Field(default=30.0, gt=0, description="Load averaging window.")
+    metrics_interval_s: float | None = Field(default=None, gt=0, description="Default: Serve's.")
+    num_cpus: float = Field(default=1.0, ge=0, description="Per replica; also torch's threads.")
+    num_gpus: float = Field(default=0.0, ge=0, description="Per replica.")
+    limits: Limits = Field(default_factory=Limits)
+    token_sha256: str | None = Field(default=None, pattern="^[0-9a-f]{64}$", description="SHA-256.")
+    token_file: str | None = Field(default=None, description="Token file read by each replica.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeArgs:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})"
+            )
+        ongoing = self.max_ongoing_requests
+        if ongoing is not None and ongoing < self.max_batch_size:
+            raise ValueError(
+                f"max_ongoing_requests ({ongoing}) must be >= max_batch_size "
+                f"({self.max_batch_size}), or batches can never fill"
+            )
+        return self
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Serve options of the deployment: autoscaling, concurrency, resources, user_config."""
+        autoscaling: dict[str, Any] = {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests or float(self.max_batch_size),
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+            "look_back_period_s": self.look_back_period_s,
+        }
+        if self.metrics_interval_s is not None:
+            autoscaling["metrics_interval_s"] = self.metrics_interval_s
+        options: dict[str, Any] = {
+            "autoscaling_config": autoscaling,
+            "max_ongoing_requests": self.max_ongoing_requests or 2 * self.max_batch_size,
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+        }
+        if self.model is not None:
+            options["user_config"] = ModelSlot(model=self.model, trial=self.trial).model_dump()
+        return options
+
+
+def token_digest(token: str) -> str:
+    """The SHA-256 hex digest the server compares bearer tokens against.
+
+    >>> token_digest("s3cret")[:12]
+    '1ec1c26b50d5'
+    """
+    return hashlib.sha256(token.strip().encode("utf-8")).hexdigest()

@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import os
 from collections import Counter
@@ -23,90 +22,34 @@ from typing import Any, NamedTuple
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve import Application
 
 from tl_ray.client import TOKEN_ENV
-from tl_ray.serve.api import Limits, ModelInfo, PredictRequest, PredictResponse, RequestError, parse_predict_body
+from tl_ray.serve.api import (
+    ModelInfo,
+    ModelSlot,
+    PredictRequest,
+    PredictResponse,
+    RequestError,
+    ServeArgs,
+    parse_predict_body,
+    token_digest,
+)
 
-__all__ = ["DEPLOYMENT", "TOKEN_ENV", "ModelSlot", "ServeArgs", "TLRayModel", "TLRayServer", "build_app", "token_digest"]
+__all__ = [
+    "DEPLOYMENT",
+    "TOKEN_ENV",
+    "ModelSlot",
+    "ServeArgs",
+    "TLRayModel",
+    "TLRayServer",
+    "build_app",
+    "predict_by_length",
+    "token_digest",
+]
 
 DEPLOYMENT = "TLRayModel"
-
-
-class ModelSlot(BaseModel):
-    """The deployment's `user_config`: which folder to serve and the trial it came from."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str
-    trial: dict[str, Any] | None = None
-
-
-class ServeArgs(BaseModel):
-    """Typed arguments of `build_app` (the `args:` of a Serve config file)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = Field(default=None, description="Checkpoint folder; becomes user_config.model.")
-    trial: dict[str, Any] | None = Field(default=None, description="best.json summary, shown by /v1/model.")
-    max_batch_size: int = Field(default=32, ge=1, description="Most texts in one model call.")
-    batch_wait_ms: float = Field(default=10.0, ge=0, description="How long a batch waits to fill.")
-    min_replicas: int = Field(default=1, ge=0)
-    max_replicas: int = Field(default=2, ge=1)
-    target_ongoing_requests: float | None = Field(default=None, gt=0, description="Default: max_batch_size.")
-    max_ongoing_requests: int | None = Field(default=None, ge=1, description="Default: 2 x max_batch_size.")
-    upscale_delay_s: float = Field(default=5.0, ge=0)
-    downscale_delay_s: float = Field(default=60.0, ge=0)
-    look_back_period_s: float = Field(default=30.0, gt=0, description="Window the load is averaged over.")
-    metrics_interval_s: float | None = Field(default=None, gt=0, description="Default: Serve's (10 s).")
-    num_cpus: float = Field(default=1.0, ge=0, description="Per replica; also torch's thread count.")
-    num_gpus: float = Field(default=0.0, ge=0, description="Per replica.")
-    limits: Limits = Field(default_factory=Limits)
-    token_sha256: str | None = Field(default=None, pattern="^[0-9a-f]{64}$", description="Bearer token digest.")
-    token_file: str | None = Field(default=None, description="Token file read by each replica.")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> ServeArgs:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
-        if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:
-            raise ValueError(
-                f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
-                f"({self.max_batch_size}), or batches can never fill"
-            )
-        return self
-
-    def deployment_options(self) -> dict[str, Any]:
-        """Serve options of the deployment: autoscaling, concurrency, resources, user_config."""
-        autoscaling: dict[str, Any] = {
-            "min_replicas": self.min_replicas,
-            "max_replicas": self.max_replicas,
-            "target_ongoing_requests": self.target_ongoing_requests or float(self.max_batch_size),
-            "upscale_delay_s": self.upscale_delay_s,
-            "downscale_delay_s": self.downscale_delay_s,
-            "look_back_period_s": self.look_back_period_s,
-        }
-        if self.metrics_interval_s is not None:
-            autoscaling["metrics_interval_s"] = self.metrics_interval_s
-        options: dict[str, Any] = {
-            "autoscaling_config": autoscaling,
-            "max_ongoing_requests": self.max_ongoing_requests or 2 * self.max_batch_size,
-            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
-        }
-        if self.model is not None:
-            options["user_config"] = ModelSlot(model=self.model, trial=self.trial).model_dump()
-        return options
-
-
-def token_digest(token: str) -> str:
-    """The SHA-256 hex digest the server compares bearer tokens against.
-
-    >>> token_digest("s3cret")[:12]
-    '4e738ca5563c'
-    """
-    return hashlib.sha256(token.strip().encode("utf-8")).hexdigest()
 
 
 class _Loaded(NamedTuple):
@@ -133,6 +76,20 @@ def _load(slot: ModelSlot) -> _Loaded:
     return _Loaded(predictor, info)
 
 
+def predict_by_length(predictor: Any, texts: list[str], size: int) -> list[dict[str, Any]]:
+    """`predictor.predict(texts)`, run on length-sorted chunks of `size` to cut padding.
+
+    >>> predict_by_length(predictor, ["a long text here", "short"], size=8)  # doctest: +SKIP
+    """
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    answers: list[dict[str, Any]] = [{} for _ in texts]
+    for start in range(0, len(order), size):
+        chosen = order[start : start + size]
+        for i, answer in zip(chosen, predictor.predict([texts[i] for i in chosen])):
+            answers[i] = answer
+    return answers
+
+
 def _texts_in(items: list[tuple[_Loaded, list[str]]]) -> int:
     return sum(len(texts) for _, texts in items)
 
@@ -152,7 +109,8 @@ api = FastAPI(
     description="Text classification with a tl-ray checkpoint. Send `Authorization: Bearer TOKEN` "
     "when the server has a token.",
 )
-_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": PredictRequest.model_json_schema()}}}}
+_JSON_BODY = {"application/json": {"schema": PredictRequest.model_json_schema()}}
+_BODY = {"requestBody": {"required": True, "content": _JSON_BODY}}  # the body is read by hand
 
 
 @api.exception_handler(RequestError)
@@ -195,19 +153,23 @@ class TLRayServer:
             torch.set_num_threads(int(self.args.num_cpus))
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Load the folder in `user_config` and swap it in; requests in flight finish on the old one."""
+        """Load the folder in `user_config`, then swap it in; requests in flight keep the old."""
         slot = ModelSlot.model_validate(user_config)
         self._current = await asyncio.to_thread(_load, slot)  # Serve calls this only on a change
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_texts_in)
-    async def _predict_batch(self, items: list[tuple[_Loaded, list[str]]]) -> list[list[dict[str, Any]]]:
+    async def _predict_batch(
+        self, items: list[tuple[_Loaded, list[str]]]
+    ) -> list[list[dict[str, Any]]]:
         self._batch_texts[_texts_in(items)] += 1
         self._batch_requests[len(items)] += 1
         answers: list[list[dict[str, Any]]] = [[] for _ in items]
         for loaded in {id(loaded): loaded for loaded, _ in items}.values():  # one call per model
             chosen = [i for i, (other, _) in enumerate(items) if other is loaded]
             texts = [text for i in chosen for text in items[i][1]]
-            predictions = iter(await asyncio.to_thread(loaded.predictor.predict, texts))
+            size = self.args.sub_batch_size
+            answered = await asyncio.to_thread(predict_by_length, loaded.predictor, texts, size)
+            predictions = iter(answered)
             for i in chosen:
                 answers[i] = [next(predictions) for _ in items[i][1]]
         return answers
@@ -231,12 +193,14 @@ class TLRayServer:
     async def predict(self, request: Request) -> dict[str, Any]:
         """Classify `texts`: label, score and class probabilities per text, in order."""
         self._authorize(request)
-        parsed = parse_predict_body(await _read_body(request, self.args.limits.max_body_bytes), self.args.limits)
+        limits = self.args.limits
+        parsed = parse_predict_body(await _read_body(request, limits.max_body_bytes), limits)
         loaded, size = self._loaded(), self.args.max_batch_size
         chunks = [parsed.texts[start : start + size] for start in range(0, len(parsed.texts), size)]
         answers = await asyncio.gather(*(self._predict_batch((loaded, chunk)) for chunk in chunks))
         info = loaded.info
-        model = {"path": info.path, "backbone": info.backbone, "trial": (info.trial or {}).get("trial")}
+        trial = (info.trial or {}).get("trial")
+        model = {"path": info.path, "backbone": info.backbone, "trial": trial}
         return {"predictions": [p for answer in answers for p in answer], "model": model}
 
     @api.get("/healthz")
@@ -247,7 +211,7 @@ class TLRayServer:
 
     @api.get("/v1/model")
     async def model(self, request: Request) -> dict[str, Any]:
-        """The served model (backbone, depth, metrics, trial, labels) and this replica's batching."""
+        """The model (backbone, depth, metrics, trial, labels) and this replica's batch sizes."""
         self._authorize(request)
         stats = {
             "replica": self._replica,

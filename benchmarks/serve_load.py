@@ -1,0 +1,214 @@
+"""Serving throughput: the tl-ray endpoint (dynamic batching) vs a naive one-call-per-request one.
+
+Both serve the same checkpoint folder (bundled MiniLM with a fresh 2-class head; no training
+needed for a speed figure) from ONE Serve instance on loopback, each as a single replica with
+the same CPUs and torch threads (autoscaling off, so only batching differs; default 1 CPU
+each: on a shared 2-core machine, 2 intra-op threads per call thrash):
+
+- batched: `tl_ray.serve.app.build_app` (FastAPI ingress, @serve.batch over texts).
+- naive:   a FastAPI deployment whose sync handler calls `Predictor.predict([text])` per
+           request (FastAPI runs it in its thread pool, as a plain endpoint would).
+
+A closed-loop asyncio client keeps `--concurrency` requests of one sentence each in flight
+for `--seconds` after `--warmup` seconds; the endpoints are measured one after the other.
+Sentences come from ../shared/data/mr (Pang & Lee) when present, else synthetic ones.
+
+Usage (from the repository root):
+    .venv/bin/python benchmarks/serve_load.py                  # 32 clients, 20 s per endpoint
+    .venv/bin/python benchmarks/serve_load.py --concurrency 16 --seconds 10
+
+Progress goes to stderr; stdout gets exactly one JSON line:
+    {"benchmark": "serve_load", "batched": {"rps", "p50_ms", "p99_ms", ...}, "naive": {...},
+     "speedup": batched rps / naive rps, "goal": ">= 3x at equal or lower p99", ...}
+"""
+
+# No `from __future__ import annotations` here: the naive deployment below is defined in
+# __main__, so Ray pickles it by value, and FastAPI must see real annotation objects.
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+MR_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mr" / "rt-polarity.pos"
+
+
+def log(message: str) -> None:
+    print(f"[serve_load] {message}", file=sys.stderr, flush=True)
+
+
+def sentences(n: int = 500) -> list[str]:
+    if MR_FILE.is_file():
+        lines = MR_FILE.read_text(encoding="latin-1").splitlines()
+        return [line.strip() for line in lines[:n] if line.strip()]
+    words = "the film plot actors story good great dull boring moving brilliant weak".split()
+    rng = random.Random(0)
+    return [" ".join(rng.choices(words, k=rng.randint(8, 24))) for _ in range(n)]
+
+
+def build_checkpoint(folder: Path) -> Path:
+    """MiniLM + a new 2-class head, written as a tl-ray checkpoint folder."""
+    import torch
+
+    from tl_ray.backbones.registry import get_backbone
+    from tl_ray.config import HFTextConfig
+    from tl_ray.data import LabelMap
+    from tl_ray.train.checkpoint import write_model_folder
+
+    torch.manual_seed(0)
+    backbone = get_backbone(HFTextConfig(name_or_path="minilm", unfreeze_depth=0))
+    folder.mkdir(parents=True, exist_ok=True)
+    write_model_folder(folder, backbone, backbone.build(2), LabelMap(("neg", "pos")), metrics={}, epoch=0,
+                       extra={"max_length": 64})  # fmt: skip
+    return folder
+
+
+def naive_app(model: str, num_cpus: float):
+    """The baseline: one model call per request, no batching."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    from tl_ray.serve.api import PredictRequest
+
+    api = FastAPI()
+
+    @serve.deployment(num_replicas=1, max_ongoing_requests=256, ray_actor_options={"num_cpus": num_cpus})
+    @serve.ingress(api)
+    class Naive:
+        def __init__(self, folder: str) -> None:
+            import torch
+
+            from tl_ray.serve.predictor import Predictor
+
+            torch.set_num_threads(max(1, int(num_cpus)))
+            self.predictor = Predictor(folder)
+
+        @api.post("/v1/predict")
+        def predict(self, body: PredictRequest) -> dict:
+            return {"predictions": self.predictor.predict(body.texts)}
+
+    return Naive.bind(model)
+
+
+async def drive(url: str, texts: list[str], concurrency: int, warmup: float, seconds: float) -> dict[str, Any]:
+    """Closed-loop load: `concurrency` clients, one text per request."""
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    start = time.monotonic()
+    measure_from, stop_at = start + warmup, start + warmup + seconds
+
+    async def client(i: int, http: httpx.AsyncClient) -> None:
+        nonlocal errors
+        n = i
+        while (now := time.monotonic()) < stop_at:
+            try:
+                answer = await http.post(url, json={"texts": [texts[n % len(texts)]]})
+                ok = answer.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if now >= measure_from and ok:
+                latencies.append(time.monotonic() - now)
+            elif now >= measure_from:
+                errors += 1
+            n += concurrency
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+        await asyncio.gather(*(client(i, http) for i in range(concurrency)))
+    latencies.sort()
+    quantile = lambda q: round(1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))], 1)  # noqa: E731
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "rps": round(len(latencies) / seconds, 1),
+        "p50_ms": quantile(0.50),
+        "p99_ms": quantile(0.99),
+        "mean_ms": round(1000 * statistics.fmean(latencies), 1),
+    }
+
+
+def batch_stats(url: str) -> dict[str, Any]:
+    """Texts per model batch seen by the batched replica."""
+    import httpx
+
+    sizes = httpx.get(url, timeout=30).json()["stats"]["batch_texts"]
+    count = sum(sizes.values())
+    mean = sum(int(size) * n for size, n in sizes.items()) / max(count, 1)
+    return {"count": count, "mean_texts": round(mean, 1), "max_texts": max(map(int, sizes), default=0)}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--batch-wait-ms", type=float, default=10.0)
+    parser.add_argument("--num-cpus", type=float, default=1.0, help="per replica (= torch threads)")
+    options = parser.parse_args()
+
+    from ray import serve
+
+    from tl_ray.serve.app import ServeArgs, build_app
+    from tl_ray.train.driver import ensure_ray
+
+    texts = sentences()
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        model = str(build_checkpoint(Path(tmp) / "minilm"))
+        log(f"checkpoint at {model}; starting Ray and Serve")
+        ensure_ray(num_cpus=int(2 * options.num_cpus))
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        args = ServeArgs(model=model, min_replicas=1, max_replicas=1, num_cpus=options.num_cpus,
+                         max_batch_size=options.max_batch_size, batch_wait_ms=options.batch_wait_ms,
+                         max_ongoing_requests=max(4 * options.max_batch_size, options.concurrency))  # fmt: skip
+        serve.run(build_app(args), name="batched", route_prefix="/batched")
+        serve.run(naive_app(model, options.num_cpus), name="naive", route_prefix="/naive")
+        results = {}
+        for name in ("naive", "batched"):
+            log(f"driving {name}: {options.concurrency} clients, {options.warmup:.0f}+{options.seconds:.0f} s")
+            url = f"http://127.0.0.1:{port}/{name}/v1/predict"
+            results[name] = asyncio.run(drive(url, texts, options.concurrency, options.warmup, options.seconds))
+            log(f"{name}: {results[name]}")
+        results["batched"]["batches"] = batch_stats(f"http://127.0.0.1:{port}/batched/v1/model")
+        serve.shutdown()
+    batched, naive = results["batched"], results["naive"]
+    print(json.dumps({
+        "benchmark": "serve_load",
+        "model": "minilm",
+        "concurrency": options.concurrency,
+        "seconds": options.seconds,
+        "num_cpus_per_replica": options.num_cpus,
+        "max_batch_size": options.max_batch_size,
+        "batch_wait_ms": options.batch_wait_ms,
+        "batched": batched,
+        "naive": naive,
+        "speedup": round(batched["rps"] / max(naive["rps"], 1e-9), 2),
+        "p99_ratio": round(batched["p99_ms"] / max(naive["p99_ms"], 1e-9), 2),
+        "goal": ">= 3x naive rps at equal or lower p99",
+        "load_avg_1m": [round(load_before, 1), round(os.getloadavg()[0], 1)],
+        "cpu_count": os.cpu_count(),
+    }), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
