@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -49,13 +50,20 @@ def write_inputs(tmp_path, tiny_bert, sentiment_csv, trials: int):
 
 
 def complete_trials(folder) -> dict[int, float]:
-    if not (folder / "study.db").exists():
+    """Finished trials, read without writing: optuna.load_study would race the search
+    process creating the schema (both insert alembic_version)."""
+    path = folder / "study.db"
+    if not path.exists():
         return {}
     try:
-        study = optuna.load_study(study_name="tl-ray", storage=f"sqlite:///{folder / 'study.db'}")
-    except KeyError:  # the study row is not written yet
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            rows = db.execute(
+                "SELECT t.number, v.value FROM trials t JOIN trial_values v ON v.trial_id = t.trial_id"
+                " WHERE t.state = 'COMPLETE'"
+            ).fetchall()
+    except sqlite3.OperationalError:  # tables not created yet, or the file is locked
         return {}
-    return {t.number: t.value for t in study.trials if t.state.name == "COMPLETE"}
+    return dict(rows)
 
 
 @pytest.fixture(scope="module")
