@@ -26,9 +26,24 @@ Progress goes to stderr; stdout gets exactly one JSON line:
     {"benchmark": "train_throughput", "model": ..., "unfreeze_depth": ..., "batch_size": ...,
      "max_length": ..., "threads": ..., "samples": ..., "ray_samples_per_s": ...,
      "plain_samples_per_s": ..., "ratio": ray/plain, "goal": ">= 0.9", ...diagnostics}
-Diagnostics: per-epoch figures of both paths, the torch thread count seen inside a Ray
-worker of the same shape, the mean padded tokens per sample of each path's last epoch
-(batch composition changes the padded length, hence the compute) and the ratio per token.
+Diagnostics after "goal": per-epoch figures of both paths and the per-round ratio; the
+niceness and torch/OMP thread counts seen inside a Ray worker of the same shape; the mean
+padded tokens per sample of each path's last epoch (batch composition sets the padded length,
+hence the compute); and CPU accounting of each last epoch (`cpu_last_epoch_*`: cores used by
+the training process, by the rest of this benchmark's process tree, i.e. the Ray daemons and
+actors, and by foreign processes) with samples per CPU-second and a `contended` flag.
+
+Fairness notes:
+* Priority: Ray starts its worker processes at nice 15 (`RAY_worker_niceness`), while this
+  process (the plain loop) runs at nice 0. On a machine where anything else runs, the Ray
+  worker then loses CPU to every normal-priority process. By default (`--ray-niceness match`)
+  the benchmark sets RAY_worker_niceness to this process's niceness; `--ray-niceness
+  ray-default` measures Ray's default instead. Both are recorded in the JSON.
+* Threads: Ray sets OMP_NUM_THREADS = the worker's CPU count, so torch in the worker (also in
+  Ray Train's TrainingThread) uses `--threads` intra-op threads, as the plain loop does.
+* Shared machines: samples/s follows the CPU share each path gets; when `contended` is true
+  (foreign processes used > 0.2 cores in a timed epoch) treat the ratio as noise, use
+  `--rounds 3`, or rerun on a quiet machine.
 """
 
 from __future__ import annotations
@@ -440,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         datasets = load_datasets(cfg.data, seed=cfg.train.seed)
-        rows = datasets.train.num_rows
+        rows, val_rows = datasets.train.num_rows, datasets.validation.num_rows
         log(f"data: {source} -> {rows} train / {datasets.validation.num_rows} validation rows")
 
         plain_runs: list[dict[str, Any]] = []
@@ -503,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "max_length": args.max_length,
         "threads": args.threads,
-        "samples": args.samples,
+        "samples": rows + val_rows,  # = --samples unless the data source had fewer
         "ray_samples_per_s": round(ray_last, 2),
         "plain_samples_per_s": round(plain_last, 2),
         "ratio": round(ratio, 3),
@@ -519,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
         "ray_worker_torch_threads": probe.get("torch_threads"),
         "ray_worker_omp_num_threads": probe.get("OMP_NUM_THREADS"),
         "plain_torch_threads": plain_runs[0]["torch_threads"],
+        "ratio_per_round": [
+            round(r["last"] / q["per_epoch"][-1], 3) for q, r in zip(plain_runs, ray_runs)
+        ],
         "ray_epochs_samples_per_s": [[round(v, 2) for v in run["per_epoch"]] for run in ray_runs],
         "plain_epochs_samples_per_s": [[round(v, 2) for v in run["per_epoch"]] for run in plain_runs],
         "ray_fit_wall_s": [round(run["fit_wall_s"], 1) for run in ray_runs],
