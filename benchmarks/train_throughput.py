@@ -183,18 +183,6 @@ def build_csv(folder: Path, samples: int) -> tuple[Path, str]:
 # ------------------------------------------------------------------------------ plain path
 
 
-def _linear_warmup(total_steps: int, warmup_ratio: float):
-    """Same schedule as tl_ray.train.loop (kept local so the plain path imports no Ray)."""
-    warmup = int(total_steps * warmup_ratio)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return factor
-
-
 def padded_tokens_per_sample(backbone: Any, batches: list[list[str]], max_length: int) -> float:
     """Mean padded sequence length per sample over `batches` (what the model computes on)."""
     tokens = samples = 0
@@ -212,6 +200,7 @@ def run_plain(cfg: Any, datasets: Any, threads: int) -> dict[str, Any]:
     from torch import nn
 
     from tl_ray.backbones.registry import get_backbone
+    from tl_ray.train.loop import _linear_warmup  # the very schedule the Ray loop uses
 
     torch.set_num_threads(threads)
     tcfg = cfg.train
