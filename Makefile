@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEMO_PORT ?= 8000
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
@@ -21,7 +22,7 @@ demo: setup
 	$(PY) examples/demo_data.py runs/demo/pang_lee_polarity.txt
 	$(VENV)/bin/tl-ray tune examples/minilm-sentiment.yaml --space search_spaces/minilm-sentiment.yaml
 	$(VENV)/bin/tl-ray report runs/demo
-	$(VENV)/bin/tl-ray predict runs/demo/model --text "a moving, beautifully acted film" --text "dull, clumsy and far too long"
+	examples/serve_demo.sh runs/demo $(DEMO_PORT)
 
 test: setup
 	$(PY) -m pytest -q

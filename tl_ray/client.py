@@ -132,6 +132,28 @@ class Client:
             return False
         return True
 
+    def wait_ready(self, timeout_s: float, poll_s: float = 1.0) -> None:
+        """Block until /healthz answers 200 (e.g. while `tl-ray serve` starts up).
+
+        Raises ClientError when `timeout_s` passes first, or at once on a 401/403 (a wrong
+        token does not fix itself by waiting).
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                response = self._http.get("/healthz")
+                if response.status_code == 200:
+                    return
+                if response.status_code in (401, 403):
+                    raise ClientError(f"GET /healthz -> {response.status_code}: {_detail(response)}",
+                                      response.status_code)
+                seen = f"{response.status_code}"
+            except (httpx.ConnectError, httpx.TimeoutException, httpx.RemoteProtocolError) as error:
+                seen = type(error).__name__
+            if time.monotonic() + poll_s > deadline:
+                raise ClientError(f"{self.url} not ready after {timeout_s:g} s (last: {seen})")
+            time.sleep(poll_s)
+
 
 def predict(url: str, texts: list[str], **options: Any) -> list[dict[str, Any]]:
     """One-shot `Client(url, **options).predict(texts)`.

@@ -137,3 +137,34 @@ def test_query_command_errors_are_one_line(endpoint, capsys):
     endpoint.script[:] = [401]
     assert main(["query", endpoint.url, "x", "--retries", "0"]) == 2
     assert "401: scripted 401" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("endpoint", [([503, 404],)], indirect=True)
+def test_wait_ready_polls_until_healthy(endpoint):
+    with Client(endpoint.url) as client:
+        client.wait_ready(5, poll_s=0.01)
+    assert [path for _, path, _ in endpoint.seen] == ["/healthz"] * 3
+
+
+def test_wait_ready_gives_up_with_the_last_answer():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with Client(f"http://127.0.0.1:{port}") as client:
+        with pytest.raises(ClientError, match=r"not ready after 0.3 s \(last: ConnectError\)"):
+            client.wait_ready(0.3, poll_s=0.05)
+
+
+@pytest.mark.parametrize("endpoint", [([401],)], indirect=True)
+def test_wait_ready_stops_at_once_on_a_wrong_token(endpoint):
+    with Client(endpoint.url) as client, pytest.raises(ClientError, match="401"):
+        client.wait_ready(30, poll_s=5)
+
+
+@pytest.mark.parametrize("endpoint", [([503],)], indirect=True)
+def test_query_waits_for_the_endpoint(endpoint, monkeypatch):
+    monkeypatch.delenv("TL_RAY_SERVE_TOKEN", raising=False)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["query", endpoint.url, "fine", "--wait", "10"]) == 0
+    assert json.loads(out.getvalue())["label"] == "pos"

@@ -20,6 +20,7 @@ def query(
     timeout: float = typer.Option(30.0, help="Seconds per attempt."),
     retries: int = typer.Option(3, help="Retries on 503 or a refused connection."),
     model: bool = typer.Option(False, "--model", help="Print the served model's description."),
+    wait: float = typer.Option(0.0, help="First wait up to this many seconds for /healthz."),
 ) -> None:
     """Print one JSON line per text: label, score and every class probability."""
     from tl_ray.client import Client
@@ -28,6 +29,8 @@ def query(
     if not texts and not model:
         raise DataError('nothing to query: pass texts, e.g. tl-ray query URL "a fine film"')
     with Client(url, token_file=token_file, timeout=timeout, retries=retries) as client:
+        if wait > 0:
+            client.wait_ready(wait)
         if model:
             emit(client.model())
             return

@@ -229,8 +229,15 @@ def serve(
 
 
 def _wait_for_interrupt(name: str) -> None:
+    """Serve until Ctrl-C or SIGTERM (what `kill`, systemd and Kubernetes send), then undeploy."""
+    import signal
+
     from ray import serve
 
+    def _stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
     try:
         while True:
             time.sleep(3600)
