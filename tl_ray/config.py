@@ -8,11 +8,20 @@ Example:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tl_ray.errors import ConfigError
 
@@ -23,6 +32,7 @@ __all__ = [
     "RunConfig",
     "SearchConfig",
     "TrainConfig",
+    "WordVectorsConfig",
     "apply_overrides",
     "load_config",
     "parse_backbone",
@@ -80,8 +90,45 @@ class HFTextConfig(_Strict):
     lora_target_modules: list[str] | None = None
 
 
+class WordVectorsConfig(_Strict):
+    """Pretrained word vectors (word2vec/GloVe/fastText via gensim), an encoder and a head.
+
+    `unfreeze_depth` 0 freezes the embedding, 1 (or None) trains it; the encoder and head
+    always train. `oov`: `subword` (fastText n-grams), `learned` (one trained vector),
+    `zero`, or `auto` (subword when the vectors have n-grams, else learned). `init: random`
+    keeps the vocabulary but draws new vectors (Kim 2014's CNN-rand baseline).
+    """
+
+    kind: Literal["word-vectors"] = "word-vectors"
+    vectors: str
+    unfreeze_depth: int | None = Field(default=1, ge=0)
+    encoder: Literal["mean", "cnn", "bilstm"] = "cnn"
+    oov: Literal["auto", "subword", "learned", "zero"] = "auto"
+    init: Literal["pretrained", "random"] = "pretrained"
+    max_vocab: int | None = Field(default=None, ge=1)
+    dropout: float = Field(default=0.5, ge=0.0, lt=1.0)
+    cnn_filters: list[int] = Field(default_factory=lambda: [3, 4, 5], min_length=1)
+    cnn_maps: int = Field(default=100, ge=1)
+    lstm_hidden: int = Field(default=100, ge=1)
+    lr_decay: float = Field(default=1.0, gt=0.0, le=1.0)  # embedding lr = lr * lr_decay
+
+    @field_validator("vectors")
+    @classmethod
+    def _absolute(cls, value: str) -> str:  # workers may run elsewhere than the driver's cwd
+        return value if "://" in value else os.path.abspath(os.path.expanduser(value))
+
+    @field_validator("cnn_filters")
+    @classmethod
+    def _widths(cls, value: list[int]) -> list[int]:
+        if any(width < 1 for width in value):
+            raise ValueError(f"filter widths must be >= 1, got {value}")
+        return value
+
+
 DEFAULT_KIND = "hf-text"
-BackboneConfig = Annotated[Union[HFTextConfig], Field(discriminator="kind")]
+BackboneConfig = Annotated[
+    Union[HFTextConfig, WordVectorsConfig], Field(discriminator="kind")
+]
 
 
 class TrainConfig(_Strict):

@@ -11,15 +11,18 @@ import pytest
 import torch
 
 from tl_ray.backbones.registry import get_backbone, registered_kinds
-from tl_ray.config import HFTextConfig
+from tl_ray.config import HFTextConfig, WordVectorsConfig
 from tl_ray.errors import BackboneError
 
 TEXTS = ["a good film", "a bad film", "so so"]
 
 
 @pytest.fixture
-def tiny(tiny_bert):
-    return {"hf-text": lambda depth: HFTextConfig(name_or_path=tiny_bert, unfreeze_depth=depth)}
+def tiny(tiny_bert, tiny_vectors):
+    return {
+        "hf-text": lambda depth: HFTextConfig(name_or_path=tiny_bert, unfreeze_depth=depth),
+        "word-vectors": lambda depth: WordVectorsConfig(vectors=tiny_vectors, unfreeze_depth=depth),
+    }
 
 
 @pytest.mark.parametrize("kind", registered_kinds())

@@ -13,7 +13,10 @@ __all__ = ["get_backbone", "register", "registered_kinds"]
 
 _REGISTRY: dict[str, type["Backbone"]] = {}
 # kind -> module that registers it; imported on first use so heavy libraries load lazily.
-_MODULES = {"hf-text": "tl_ray.backbones.hf_text"}
+_MODULES = {
+    "hf-text": "tl_ray.backbones.hf_text",
+    "word-vectors": "tl_ray.backbones.word_vectors",
+}
 
 B = TypeVar("B", bound="type[Backbone]")
 
