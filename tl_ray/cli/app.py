@@ -39,7 +39,7 @@ def emit(payload: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: TLRayError becomes one line on stderr and exit code 2."""
-    from tl_ray.cli import evaluate, predict, query, report, serve, train, tune  # noqa: F401  (registers commands)
+    from tl_ray.cli import evaluate, jobs, predict, query, report, serve, submit, train, tune  # noqa: F401  (registers commands)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

@@ -133,6 +133,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             samples_per_s=float(totals[0] / (totals[2] / world)),
             lr=scheduler.get_last_lr()[0],
             resumed_from_epoch=first_epoch - 1,
+            node_id=ray.get_runtime_context().get_node_id(),  # which cluster node trained this
         )
         _report(metrics, rank, backbone, model, labels, optimizer, scheduler, epoch, tcfg)
 

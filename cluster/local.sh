@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# A real multi-node Ray cluster on this machine (head + N workers, token auth on).
+#   cluster/local.sh up [--workers N] [--cpus-per-worker C] [--head-cpus C]
+#   cluster/local.sh status [--json]
+#   cluster/local.sh stop-node w2          # fault drill: kill one worker node's raylet
+#   cluster/local.sh down                  # stops only the processes this cluster started
+# State, token and logs live in $TLRAY_CLUSTER_DIR (default ~/.tl-ray/local-cluster).
+# Never uses `ray stop`: other Ray instances on the machine keep running.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+python="${TLRAY_PYTHON:-}"
+if [[ -z "$python" ]]; then
+  if [[ -x "$here/../.venv/bin/python" ]]; then python="$here/../.venv/bin/python"; else python="$(command -v python3)"; fi
+fi
+exec "$python" "$here/local_cluster.py" "$@"

@@ -1,0 +1,193 @@
+"""A real 3-node Ray cluster on this machine (cluster/local.sh), driven through `tl-ray submit`.
+
+The head schedules only (0 CPUs); two worker nodes hold 1 CPU each, so two concurrent trials
+must run on two different nodes. One module-scoped cluster serves every test; a finalizer
+always tears it down by its own process ids.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+LOCAL_SH = ROOT / "cluster" / "local.sh"
+pytestmark = pytest.mark.slow
+
+SPACE = """
+metric: val_accuracy
+mode: max
+params:
+  train.lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}
+"""
+
+
+def _local_cluster_module():
+    spec = importlib.util.spec_from_file_location("local_cluster", ROOT / "cluster" / "local_cluster.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _local(args: list[str], state_dir: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TLRAY_CLUSTER_DIR": str(state_dir), "TLRAY_PYTHON": sys.executable}
+    done = subprocess.run([str(LOCAL_SH), *args], env=env, capture_output=True, text=True, timeout=240)
+    if check and done.returncode != 0:
+        raise AssertionError(f"local.sh {args} failed:\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    state_dir = Path(tempfile.mkdtemp(prefix="tlrc-", dir="/tmp"))  # short: Ray socket paths
+    try:
+        _local(["up", "--workers", "2", "--cpus-per-worker", "1", "--head-cpus", "0"], state_dir)
+        state = json.loads((state_dir / "state.json").read_text())
+        status = json.loads(_local(["status", "--json"], state_dir).stdout)
+        names = {}
+        for node in status["ray_nodes"]:
+            tag = next(k for k in node["resources_total"] if k.startswith("tl_node_"))
+            names[node["node_id"]] = tag.removeprefix("tl_node_")
+        yield {**state, "state_dir": state_dir, "node_names": names}
+    finally:
+        _local(["down", "--grace", "5"], state_dir, check=False)
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def client_env(cluster, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_ADDRESS=cluster["dashboard"], RAY_AUTH_TOKEN_PATH=cluster["token_path"], **extra)
+    return env
+
+
+def tl_ray(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 240):
+    done = subprocess.run(
+        [sys.executable, "-m", "tl_ray", *args], env=env, cwd=cwd, capture_output=True, text=True,
+        timeout=timeout,
+    )
+    lines = []
+    for line in done.stdout.splitlines():
+        try:
+            lines.append(json.loads(line))
+        except ValueError:  # a job's log line
+            continue
+    return done, [line for line in lines if isinstance(line, dict)]
+
+
+def write_run(folder: Path, tiny_bert: str, csv: Path, output: Path, **train) -> Path:
+    options = {"epochs": 1, "batch_size": 16, "max_length": 32, "num_workers": 1, **train}
+    (folder / "run.yaml").write_text(
+        f"data: {{path: {csv}, validation_split: 0.25}}\n"
+        f"backbone: {{kind: hf-text, name_or_path: {tiny_bert}, pooling: mean}}\n"
+        f"train: {json.dumps(options)}\n"
+        "search: {trials: 2, sampler: random, seed: 1, early_stopping: false, max_concurrent_trials: 2}\n"
+        f"output: {output}\n",
+        encoding="utf-8",
+    )
+    return folder / "run.yaml"
+
+
+def test_submitted_search_runs_trials_on_several_nodes(cluster, tiny_bert, sentiment_csv, tmp_path):
+    job_dir = tmp_path / "job"  # the shipped working dir: two small YAML files
+    job_dir.mkdir()
+    output = tmp_path / "search"
+    write_run(job_dir, tiny_bert, sentiment_csv, output)
+    (job_dir / "space.yaml").write_text(SPACE, encoding="utf-8")
+
+    done, lines = tl_ray(
+        ["submit", "--env", "HF_HUB_OFFLINE=1", "--follow", "--", "tune", "run.yaml", "--space", "space.yaml"],
+        client_env(cluster), cwd=job_dir,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert lines[0]["submission_id"] and lines[-1]["status"] == "SUCCEEDED"
+    for name in ("search.json", "study.db", "trials.parquet", "best.json", "model"):
+        assert (output / name).exists(), name
+    best = json.loads((output / "best.json").read_text())
+    assert best["trials"] == 2 and best["model"]
+    node_ids = set()
+    for result_file in output.glob("tune_*/*/result.json"):
+        node_ids |= {json.loads(line)["node_id"] for line in result_file.read_text().splitlines() if line}
+    assert len(node_ids) == 2, node_ids
+    assert {cluster["node_names"][n] for n in node_ids} == {"w1", "w2"}
+
+    done, lines = tl_ray(["jobs", "status", lines[0]["submission_id"]], client_env(cluster), cwd=tmp_path)
+    assert done.returncode == 0 and lines[0]["status"] == "SUCCEEDED"
+    done, lines = tl_ray(["jobs", "list"], client_env(cluster), cwd=tmp_path)
+    assert any(line["entrypoint"].endswith("tune run.yaml --space space.yaml") for line in lines)
+
+
+def test_submission_without_the_token_fails_clearly(cluster, tmp_path):
+    env = client_env(cluster, HOME=str(tmp_path))  # no ~/.ray/auth_token there
+    env.pop("RAY_AUTH_TOKEN_PATH")
+    done, _ = tl_ray(["submit", "--image-only", "--", "--help"], env, cwd=tmp_path)
+    assert done.returncode == 2
+    assert "requires a token and none was found" in done.stderr and "RAY_AUTH_TOKEN" in done.stderr
+    assert "Traceback" not in done.stderr
+
+    done, _ = tl_ray(["jobs", "list"], client_env(cluster, RAY_AUTH_TOKEN="not-the-token"), cwd=tmp_path)
+    assert done.returncode == 2 and "rejected the token from RAY_AUTH_TOKEN" in done.stderr
+
+
+def test_unknown_job_and_failed_job_exit_codes(cluster, tmp_path):
+    env = client_env(cluster)
+    done, _ = tl_ray(["jobs", "logs", "no-such-job"], env, cwd=tmp_path)
+    assert done.returncode == 2 and "no job 'no-such-job'" in done.stderr
+    done, lines = tl_ray(["submit", "--image-only", "--follow", "--", "train", "/nonexistent.yaml"], env, cwd=tmp_path)
+    assert done.returncode == 2 and lines[-1]["status"] == "FAILED"
+    assert "error: job raysubmit_" in done.stderr and "FAILED: Job entrypoint command failed" in done.stderr
+    assert "config file not found: /nonexistent.yaml" in done.stderr  # the job's own log
+
+
+def _first_checkpoint(output: Path) -> Path | None:
+    found = sorted(output.glob("train_*/checkpoint_*/manifest.json"))
+    return found[0] if found else None
+
+
+def test_worker_node_loss_during_training(cluster, tiny_bert, sentiment_csv, tmp_path):
+    """Kill the node a submitted training run is on: Ray Train restarts the worker group on
+    the other node from the last checkpoint; checkpoints written before the loss remain."""
+    output = tmp_path / "train"
+    run = write_run(tmp_path, tiny_bert, sentiment_csv, output, epochs=12, max_failures=2, keep_checkpoints=20)
+    env = client_env(cluster)
+    done, lines = tl_ray(["submit", "--image-only", "--env", "HF_HUB_OFFLINE=1", "--", "train", str(run)], env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    job = lines[0]["submission_id"]
+    deadline = time.monotonic() + 150
+    while (manifest := _first_checkpoint(output)) is None and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert manifest is not None, "no checkpoint within 150 s"
+    node = cluster["node_names"][json.loads(manifest.read_text())["metrics"]["node_id"]]
+    assert node in ("w1", "w2")
+    _local(["stop-node", node], cluster["state_dir"])
+    before = {p.parent.name for p in output.glob("train_*/checkpoint_*/manifest.json")}
+
+    done, lines = tl_ray(["jobs", "logs", job, "--follow"], env, cwd=tmp_path, timeout=240)
+    after = {p.parent.name for p in output.glob("train_*/checkpoint_*/manifest.json")}
+    assert before <= after, "a checkpoint written before the node loss disappeared"
+    final = lines[-1]
+    if final["status"] == "SUCCEEDED":  # recovered: later epochs resumed on the other node
+        killed = next(i for i, name in cluster["node_names"].items() if name == node)
+        metrics = [json.loads(p.read_text())["metrics"] for p in output.glob("train_*/checkpoint_*/manifest.json")]
+        resumed = [m for m in metrics if m["resumed_from_epoch"] > 0]
+        assert resumed and all(m["node_id"] != killed for m in resumed)
+        assert max(m["epoch"] for m in metrics) == 12 and (output / "model" / "manifest.json").is_file()
+    else:  # a failure must say why in one place: the job's message
+        assert final["status"] == "FAILED" and final["message"]
+    print(f"node loss: {node} killed after {manifest}; job {final['status']}")
+
+
+def test_down_leaves_no_process_of_its_own(cluster):
+    module = _local_cluster_module()
+    assert module.cluster_pids(cluster["cluster_id"]), "the cluster should be running before down"
+    _local(["down", "--grace", "5"], cluster["state_dir"])
+    assert module.cluster_pids(cluster["cluster_id"]) == []
+    assert not (cluster["state_dir"] / "state.json").exists()
