@@ -17,5 +17,5 @@ def tiny_vectors(tmp_path_factory) -> str:
     model.build_vocab(sentences)
     model.train(sentences, total_examples=len(sentences), epochs=model.epochs)
     path = tmp_path_factory.mktemp("vectors") / "tiny-fasttext.model"
-    model.save(str(path), separately=[])
+    model.save(str(path), sep_limit=2**62)  # one file
     return str(path)

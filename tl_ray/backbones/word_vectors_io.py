@@ -31,6 +31,7 @@ __all__ = [
     "Vocab",
     "char_ngrams",
     "ft_hash",
+    "load_keyed_vectors",
     "load_vectors",
     "ngram_buckets",
     "tokenize",
@@ -179,13 +180,24 @@ def _first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
 
 
+def load_keyed_vectors(path: str | Path, max_vocab: int | None = None) -> tuple[Any, str]:
+    """(gensim KeyedVectors, format name) of a vectors file, trying the formats that fit it.
+
+    Raises BackboneError naming the formats tried when none reads the file.
+    """
+    return _load(Path(path).expanduser(), max_vocab, keep_gensim=True)
+
+
 def load_vectors(path: str | Path, max_vocab: int | None = None) -> Vectors:
     """Read word vectors with gensim, trying the formats that fit the file in turn.
 
     `max_vocab` keeps the first (most frequent) words only. Raises BackboneError naming the
     formats tried when none reads the file.
     """
-    path = Path(path).expanduser()
+    return _load(Path(path).expanduser(), max_vocab, keep_gensim=False)
+
+
+def _load(path: Path, max_vocab: int | None, keep_gensim: bool) -> Any:
     if not path.is_file():
         raise BackboneError(f"backbone.vectors: file not found: {path}")
     if path.stat().st_size == 0:
@@ -199,7 +211,7 @@ def load_vectors(path: str | Path, max_vocab: int | None = None) -> Vectors:
         except Exception as error:  # noqa: BLE001  (each reader fails in its own way)
             errors.append(_first_line(error))
             continue
-        return vectors
+        return (kv, name) if keep_gensim else vectors
     raise BackboneError(
         f"backbone.vectors: cannot read {path} as word vectors; tried {', '.join(tried)} "
         f"(first error: {errors[0]})"
