@@ -29,6 +29,7 @@ __all__ = [
     "BackboneConfig",
     "DataConfig",
     "HFTextConfig",
+    "KerasImageConfig",
     "RunConfig",
     "SearchConfig",
     "TrainConfig",
@@ -54,6 +55,9 @@ class DataConfig(_Strict):
     validation_path: str | None = None
     encoding: str = "utf-8"
     empty_text: Literal["skip", "error"] = "skip"
+    # Images (see tl_ray/images.py): a `path` folder of class sub-folders is read as images;
+    # a table is read as images when `image_column` names its column of image bytes or paths.
+    image_column: str | None = None
 
     @model_validator(mode="after")
     def _one_validation_source(self) -> "DataConfig":
@@ -88,6 +92,29 @@ class HFTextConfig(_Strict):
     lora_alpha: int = Field(default=16, ge=1)
     lora_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     lora_target_modules: list[str] | None = None
+
+
+class KerasImageConfig(_Strict):
+    """A `keras.applications` image network (tf_keras) with a new pooling-dropout-dense head.
+
+    Two phases: for the first `head_epochs` of `train.epochs` the base is frozen and the head
+    trains at `head_lr`; the remaining epochs unfreeze the top `unfreeze_depth` weighted
+    non-BatchNorm layers of the base (BatchNorm stays frozen, in inference mode) at
+    `finetune_lr`. `weights`: `imagenet` (needs network), a local `.weights.h5`/`.h5`/`.keras`
+    file of the base network, or null (random init).
+    """
+
+    kind: Literal["keras-image"] = "keras-image"
+    architecture: Literal["VGG16", "ResNet50", "MobileNetV2", "EfficientNetB0"] = "MobileNetV2"
+    weights: str | None = None
+    image_size: int = Field(default=224, ge=32, le=1024)
+    alpha: float = Field(default=1.0, gt=0.0, le=1.4)  # MobileNetV2 width multiplier only
+    unfreeze_depth: int = Field(default=0, ge=0)
+    head_epochs: int = Field(default=1, ge=0)
+    head_lr: float = Field(default=1e-3, gt=0.0)
+    finetune_lr: float = Field(default=1e-5, gt=0.0)
+    head_dropout: float = Field(default=0.2, ge=0.0, lt=1.0)
+    augment: bool = False
 
 
 class WordVectorsConfig(_Strict):
@@ -127,7 +154,7 @@ class WordVectorsConfig(_Strict):
 
 DEFAULT_KIND = "hf-text"
 BackboneConfig = Annotated[
-    Union[HFTextConfig, WordVectorsConfig], Field(discriminator="kind")
+    Union[HFTextConfig, KerasImageConfig, WordVectorsConfig], Field(discriminator="kind")
 ]
 
 
@@ -148,6 +175,9 @@ class TrainConfig(_Strict):
     metric: Literal["val_accuracy", "val_f1", "val_loss"] = "val_accuracy"
     keep_checkpoints: int = Field(default=1, ge=1)
     max_failures: int = Field(default=2, ge=0)
+    # Frozen-prefix cache: compute the frozen bottom's output once, reuse it every epoch.
+    cache: bool = True
+    cache_max_mb: float = Field(default=4096, gt=0)
 
     @property
     def metric_mode(self) -> str:
@@ -182,6 +212,16 @@ class RunConfig(_Strict):
         if isinstance(raw, dict) and isinstance(raw.get("backbone"), dict):
             raw = {**raw, "backbone": {"kind": DEFAULT_KIND, **raw["backbone"]}}
         return raw
+
+    @model_validator(mode="after")
+    def _phases_fit(self) -> "RunConfig":
+        head = getattr(self.backbone, "head_epochs", None)
+        if head is not None and head > self.train.epochs:
+            raise ValueError(
+                f"backbone.head_epochs ({head}) must be <= train.epochs ({self.train.epochs}); "
+                "phase 2 (fine-tuning) runs for the remaining epochs"
+            )
+        return self
 
 
 def _describe(error: ValidationError) -> str:

@@ -1,4 +1,6 @@
-"""The Backbone contract every PyTorch backbone family implements.
+"""The Backbone contract every backbone family implements (PyTorch by default; a TensorFlow
+family such as keras-image overrides the framework hooks `logits`, `scores`,
+`trainable_names` and `parameter_names`).
 
 A backbone turns a pretrained network into a classifier and decides which of its
 parameters train at a given unfreeze depth. It never imports Ray.
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from torch import nn
 
@@ -30,6 +33,8 @@ class Backbone(ABC):
     """A pretrained network family that can be built, partially unfrozen, saved and loaded."""
 
     kind: ClassVar[str] = ""
+    input_kind: ClassVar[str] = "text"  # what `preprocess` takes: "text" (str) or "image" (bytes)
+    framework: ClassVar[str] = "torch"  # "torch" or "tensorflow": which trainer and loop run it
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -66,9 +71,43 @@ class Backbone(ABC):
     def load(self, folder: Path, num_labels: int, trainable: bool = False) -> "nn.Module":
         """Rebuild the model saved by `save` (trainable=True keeps adapters trainable)."""
 
+    # -- optional: an exact cache of what the frozen bottom computes (issue: shallow tuning)
+    def prefix_cache(self) -> str | None:
+        """Where the frozen, deterministic bottom ends (a cache-key part), or None: no cache.
+
+        A family that returns a boundary implements `frozen_features`, and its model accepts
+        those features in place of the raw inputs, giving the same logits.
+        """
+        return None
+
+    def fingerprint(self) -> dict[str, str]:
+        """Identity of the pretrained weights and preprocessing, for the cache key."""
+        return {}
+
+    def frozen_features(
+        self, model: "nn.Module", inputs: dict[str, "torch.Tensor"]
+    ) -> dict[str, "torch.Tensor"]:
+        """The frozen bottom's output for a preprocessed batch (`attention_mask`: per-token)."""
+        raise NotImplementedError(f"{type(self).__name__} has no frozen-prefix cache")
+
     def logits(self, model: "nn.Module", inputs: dict[str, "torch.Tensor"]) -> "torch.Tensor":
         """Class scores for a preprocessed batch."""
         return model(**inputs)
+
+    def scores(self, model: Any, inputs: Any) -> "np.ndarray":
+        """Class scores for a preprocessed batch as a float32 NumPy array (inference mode)."""
+        import torch
+
+        with torch.no_grad():
+            return self.logits(model, inputs).float().cpu().numpy()
+
+    def trainable_names(self, model: Any) -> set[str]:
+        """Names of the parameters that train now (after `apply_unfreeze`)."""
+        return {name for name, param in model.named_parameters() if param.requires_grad}
+
+    def parameter_names(self, model: Any) -> set[str]:
+        """Names of every parameter that full-depth fine-tuning trains."""
+        return {name for name, _ in model.named_parameters()}
 
     def param_groups(
         self, model: "nn.Module", lr: float, weight_decay: float, lr_decay: float = 1.0

@@ -98,6 +98,7 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], datasets: Datasets, 
         storage_path=trials_dir,
         name=tune.get_context().get_trial_id(),
         callbacks=[TuneReportCallback()],
+        cache_dir=Path(trials_dir).parent / "cache",  # shared by trials with the same boundary
     )
     trainer.fit()
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import pyarrow as pa
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
@@ -23,8 +24,9 @@ from ray.train.torch import TorchTrainer
 from tl_ray.backbones.registry import get_backbone
 from tl_ray.config import RunConfig
 from tl_ray.data import Datasets, load_datasets
-from tl_ray.errors import TLRayError
+from tl_ray.errors import ConfigError, TLRayError
 from tl_ray.train.checkpoint import export_model_folder
+from tl_ray.train.feature_cache import ensure_cache, plan_cache
 from tl_ray.train.loop import train_loop_per_worker
 
 __all__ = ["TrainOutcome", "build_trainer", "ensure_ray", "train"]
@@ -73,6 +75,21 @@ class _EpochPrinter(ray.train.UserCallback):
         self.on_epoch(dict(metrics[0]))
 
 
+# Backbone kinds trained by the Keras loop under TensorflowTrainer; every other kind: torch.
+KERAS_KINDS = frozenset({"keras-image"})
+
+
+def _trainer_and_loop(kind: str) -> tuple[Any, Callable[[dict[str, Any]], None]]:
+    """A fixed mapping from the backbone kind to (Trainer class, per-worker loop)."""
+    if kind in KERAS_KINDS:
+        from ray.train.tensorflow import TensorflowTrainer
+
+        from tl_ray.train.keras_loop import keras_train_loop_per_worker
+
+        return TensorflowTrainer, keras_train_loop_per_worker
+    return TorchTrainer, train_loop_per_worker
+
+
 def build_trainer(
     cfg: RunConfig,
     datasets: Datasets,
@@ -80,18 +97,29 @@ def build_trainer(
     storage_path: str,
     name: str,
     callbacks: list[Any] | None = None,
+    cache_dir: str | Path | None = None,
 ) -> TorchTrainer:
-    """A TorchTrainer for `cfg`: datasets stream to workers through Ray Data."""
+    """A TorchTrainer for `cfg`: datasets stream to workers through Ray Data.
+
+    With `cache_dir`, the frozen bottom's output is computed once there (or reused) and the
+    workers read it instead of running the frozen layers (see `feature_cache`).
+    """
     tcfg = cfg.train
     data_context = ray.data.DataContext.get_current()
     data_context.enable_progress_bars = False
     data_context.print_on_execution_start = False
-    return TorchTrainer(
-        train_loop_per_worker,
+    cache = None
+    if cache_dir is not None:
+        plan = plan_cache(cfg, datasets, Path(cache_dir))
+        cache = plan and ensure_cache(plan, cfg, datasets)
+    trainer_class, loop = _trainer_and_loop(cfg.backbone.kind)  # Keras kinds: TensorflowTrainer
+    return trainer_class(
+        loop,
         train_loop_config={
             "run": cfg.model_dump(),
             "labels": list(datasets.labels.labels),
             "train_rows": datasets.train.num_rows,
+            "cache": str(cache) if cache else None,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=tcfg.num_workers,
@@ -111,10 +139,28 @@ def build_trainer(
         ),
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         datasets={
-            "train": ray.data.from_arrow(datasets.train),
-            "validation": ray.data.from_arrow(datasets.validation),
+            "train": ray.data.from_arrow(_numbered(datasets.train)),
+            "validation": ray.data.from_arrow(_numbered(datasets.validation)),
         },
     )
+
+
+def _numbered(table: pa.Table) -> pa.Table:
+    """The table with a `row` column: its row numbers, the key of cached features."""
+    return table.append_column("row", pa.array(range(table.num_rows), type=pa.int64()))
+
+
+def _load_inputs(cfg: RunConfig, input_kind: str) -> Datasets:
+    """The run's data, checked against what the backbone reads (text or images)."""
+    if input_kind == "image":
+        from tl_ray.images import load_image_datasets
+
+        return load_image_datasets(cfg.data, seed=cfg.train.seed)
+    datasets = load_datasets(cfg.data, seed=cfg.train.seed)
+    if "text" not in datasets.train.column_names:
+        raise ConfigError(f"backbone kind {cfg.backbone.kind} reads text, but {cfg.data.path} "
+                          "holds images; use backbone kind keras-image")
+    return datasets
 
 
 def _user_error(error: BaseException) -> TLRayError | None:
@@ -144,8 +190,9 @@ def train(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainOutcome:
     """Fine-tune `cfg.backbone` on `cfg.data`; the best checkpoint is exported to OUTPUT/model."""
-    datasets = load_datasets(cfg.data, seed=cfg.train.seed)
-    get_backbone(cfg.backbone).check()  # fail fast on the driver, before any worker starts
+    backbone = get_backbone(cfg.backbone)
+    datasets = _load_inputs(cfg, backbone.input_kind)
+    backbone.check()  # fail fast on the driver, before any worker starts
     ensure_ray(address)
     output = Path(cfg.output).expanduser().resolve()
     output.mkdir(parents=True, exist_ok=True)
@@ -156,6 +203,7 @@ def train(
         storage_path=str(output),
         name=time.strftime("train_%Y-%m-%d_%H-%M-%S"),
         callbacks=[_EpochPrinter(on_epoch)] if on_epoch else None,
+        cache_dir=output / "cache",
     )
     try:
         result = trainer.fit()

@@ -23,6 +23,7 @@ from tl_ray.backbones.registry import get_backbone
 from tl_ray.config import parse_config
 from tl_ray.data import LabelMap
 from tl_ray.train.checkpoint import TRAIN_STATE_FILE, write_model_folder
+from tl_ray.train.feature_cache import FeatureCache
 from tl_ray.train.metrics import ClassificationTally
 
 __all__ = ["train_loop_per_worker"]
@@ -78,6 +79,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # -- model (fresh, or resumed from the last reported checkpoint) ----------------------
     backbone = get_backbone(cfg.backbone)
+    cache = FeatureCache(config["cache"]) if config.get("cache") else None
+
+    def inputs_of(batch: dict[str, np.ndarray], split: str) -> dict[str, torch.Tensor]:
+        """Token ids, or the frozen bottom's cached output for these rows."""
+        if cache is not None:
+            inputs = cache.batch(split, batch["row"])
+        else:
+            inputs = backbone.preprocess(list(batch["text"]), tcfg.max_length)
+        return {k: v.to(device) for k, v in inputs.items()}
+
     checkpoint = ray.train.get_checkpoint()
     state: dict[str, Any] | None = None
     if checkpoint is None:
@@ -110,8 +121,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         wrapped.train()
         started, seen, loss_sum = time.perf_counter(), 0, 0.0
         for batch in _batches(train_shard, tcfg.batch_size, tcfg.seed + epoch):
-            inputs = backbone.preprocess(list(batch["text"]), tcfg.max_length)
-            inputs = {k: v.to(device) for k, v in inputs.items()}
+            inputs = inputs_of(batch, "train")
             targets = torch.tensor(batch["label"], device=device)
             with autocast:
                 loss = loss_fn(backbone.logits(wrapped, inputs).float(), targets)
@@ -125,13 +135,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss_sum += loss.item() * len(targets)
         elapsed = time.perf_counter() - started
 
-        metrics = _evaluate(model, backbone, val_data, len(labels), tcfg, device, autocast)
+        metrics = _evaluate(model, backbone, val_data, len(labels), tcfg, autocast, inputs_of)
         totals = _all_reduce(torch.tensor([seen, loss_sum, elapsed], dtype=torch.float64))
         metrics.update(
             epoch=epoch,
             train_loss=float(totals[1] / max(1.0, totals[0])),
             samples_per_s=float(totals[0] / (totals[2] / world)),
             lr=scheduler.get_last_lr()[0],
+            epoch_s=time.perf_counter() - started,  # training and validation
             resumed_from_epoch=first_epoch - 1,
             node_id=ray.get_runtime_context().get_node_id(),  # which cluster node trained this
         )
@@ -139,7 +150,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 @torch.no_grad()
-def _evaluate(model, backbone, dataset, num_labels, tcfg, device, autocast) -> dict[str, float]:
+def _evaluate(model, backbone, dataset, num_labels, tcfg, autocast, inputs_of) -> dict[str, float]:
     """Exact metrics over the whole validation set: worker r scores batches r, r+W, ..."""
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -148,8 +159,7 @@ def _evaluate(model, backbone, dataset, num_labels, tcfg, device, autocast) -> d
     for index, batch in enumerate(_batches(dataset, tcfg.batch_size, None)):
         if index % world != rank:
             continue
-        inputs = backbone.preprocess(list(batch["text"]), tcfg.max_length)
-        inputs = {k: v.to(device) for k, v in inputs.items()}
+        inputs = inputs_of(batch, "validation")
         with autocast:
             logits = backbone.logits(model, inputs).float()
         tally.add(logits.cpu(), torch.tensor(batch["label"]))
