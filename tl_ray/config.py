@@ -101,7 +101,10 @@ class KerasImageConfig(_Strict):
     trains at `head_lr`; the remaining epochs unfreeze the top `unfreeze_depth` weighted
     non-BatchNorm layers of the base (BatchNorm stays frozen, in inference mode) at
     `finetune_lr`. `weights`: `imagenet` (needs network), a local `.weights.h5`/`.h5`/`.keras`
-    file of the base network, or null (random init).
+    file of the base network, or null (random init). `batchnorm`: `frozen` keeps BatchNorm
+    in inference mode and untrained (the fine-tuning recipe), `train` lets a BatchNorm layer
+    train (batch statistics) with the layer before it; `auto` is frozen with pretrained
+    weights and train with null (from scratch, frozen statistics would never normalise).
     """
 
     kind: Literal["keras-image"] = "keras-image"
@@ -115,6 +118,15 @@ class KerasImageConfig(_Strict):
     finetune_lr: float = Field(default=1e-5, gt=0.0)
     head_dropout: float = Field(default=0.2, ge=0.0, lt=1.0)
     augment: bool = False
+    batchnorm: Literal["auto", "frozen", "train"] = "auto"
+
+    @field_validator("weights")
+    @classmethod
+    def _absolute_weights(cls, value: str | None) -> str | None:
+        """A weights file path is made absolute here, on the driver: workers run elsewhere."""
+        if value is None or value == "imagenet":
+            return value
+        return os.path.abspath(os.path.expanduser(value))
 
 
 class WordVectorsConfig(_Strict):

@@ -371,7 +371,13 @@ def load_datasets(cfg: DataConfig, seed: int = 0) -> Datasets:
     """Read cfg.path, build the label map from it, and take validation from a file or a split.
 
     >>> ds = load_datasets(DataConfig(path="train.csv", validation_split=0.2), seed=1)  # doctest: +SKIP
+
+    A folder, or a table with `data.image_column` set, is read as images (tl_ray.images).
     """
+    if cfg.image_column is not None or Path(cfg.path).is_dir():
+        from tl_ray.images import load_image_datasets
+
+        return load_image_datasets(cfg, seed)
     options = dict(text_column=cfg.text_column, label_column=cfg.label_column,
                    encoding=cfg.encoding, empty_text=cfg.empty_text)
     train = read_table(cfg.path, **options)

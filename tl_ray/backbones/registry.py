@@ -15,6 +15,7 @@ _REGISTRY: dict[str, type["Backbone"]] = {}
 # kind -> module that registers it; imported on first use so heavy libraries load lazily.
 _MODULES = {
     "hf-text": "tl_ray.backbones.hf_text",
+    "keras-image": "tl_ray.backbones.keras_image",
     "word-vectors": "tl_ray.backbones.word_vectors",
 }
 

@@ -1,0 +1,286 @@
+"""keras.applications image networks (tf_keras, i.e. Keras 2) with a new classification head.
+
+Model: image -> [augmentation] -> base (include_top=False; called with training=False when
+BatchNorm is frozen) -> GlobalAveragePooling2D -> Dropout -> Dense(labels) giving logits. Inputs are preprocessed outside the model with the architecture's own
+`preprocess_input` (see `preprocess`).
+
+Unfreeze depth counts *units*: layers of the base that own trainable weights and are not
+BatchNormalization (Conv2D, DepthwiseConv2D, Dense), from the top. Depth k trains the top k
+units plus the head; depth `num_layers()` trains every unit. With `batchnorm: frozen` (the
+default for pretrained weights, the Keras fine-tuning guide's recipe) BatchNorm layers never
+train and run in inference mode; with `batchnorm: train` (the default from scratch) a
+BatchNorm layer trains, on batch statistics, exactly when the unit before it does.
+Phase 1 (`head`) trains the head alone; phase 2 (`finetune`) applies the depth.
+
+tf_keras, not Keras 3: under Ray's TensorflowTrainer with MultiWorkerMirroredStrategy,
+Keras 3.15 fails in `fit` ("Attempt to convert a value (PerReplica...)"); tf_keras 2.21
+trains (checked on this machine, see the issue-6 note). TF_USE_LEGACY_KERAS=1 is set before
+TensorFlow is imported so `tf.keras` is the same Keras.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from functools import lru_cache  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+import numpy as np  # noqa: E402
+import tf_keras as keras  # noqa: E402
+
+from tl_ray.backbones.base import Backbone  # noqa: E402
+from tl_ray.backbones.registry import register  # noqa: E402
+from tl_ray.errors import BackboneError, CheckpointError  # noqa: E402
+from tl_ray.images import read_images  # noqa: E402
+
+__all__ = ["ARCHITECTURES", "KerasImageBackbone", "MODEL_FILE", "WEIGHT_SUFFIXES"]
+
+MODEL_FILE = "model.keras"
+WEIGHT_SUFFIXES = (".weights.h5", ".h5", ".keras")
+_apps = keras.applications
+# A fixed mapping from the config's name to (constructor, preprocess_input).
+ARCHITECTURES: dict[str, tuple[Callable[..., Any], Callable[[Any], Any]]] = {
+    "VGG16": (_apps.VGG16, _apps.vgg16.preprocess_input),
+    "ResNet50": (_apps.ResNet50, _apps.resnet50.preprocess_input),
+    "MobileNetV2": (_apps.MobileNetV2, _apps.mobilenet_v2.preprocess_input),
+    "EfficientNetB0": (_apps.EfficientNetB0, _apps.efficientnet.preprocess_input),
+}
+_BN = keras.layers.BatchNormalization
+
+
+def _units(base: Any) -> list[Any]:
+    """The base's unfreezable layers, bottom to top: weighted layers other than BatchNorm."""
+    return [
+        layer for layer in base.layers
+        if not isinstance(layer, _BN) and any(v.trainable for v in layer.weights)
+    ]
+
+
+@lru_cache(maxsize=None)
+def _unit_names(architecture: str, alpha: float) -> tuple[str, ...]:
+    """Unit layer names of an architecture (independent of image size and weights)."""
+    base = _construct(architecture, alpha, 32, weights=None)
+    return tuple(layer.name for layer in _units(base))
+
+
+def _construct(architecture: str, alpha: float, size: int, weights: str | None) -> Any:
+    constructor, _ = ARCHITECTURES[architecture]
+    extra = {"alpha": alpha} if architecture == "MobileNetV2" else {}
+    return constructor(include_top=False, weights=weights, input_shape=(size, size, 3), **extra)
+
+
+def _variable_names(layers: list[Any], trainable_only: bool) -> set[str]:
+    return {
+        v.name for layer in layers
+        for v in (layer.trainable_weights if trainable_only else layer.weights) if v.trainable
+    }
+
+
+@register("keras-image")
+class KerasImageBackbone(Backbone):
+    """`backbone: {kind: keras-image, architecture, weights, image_size, unfreeze_depth, ...}`."""
+
+    input_kind = "image"
+    framework = "tensorflow"
+
+    # -- config checks ---------------------------------------------------------------------
+    def num_layers(self) -> int:
+        return len(_unit_names(self.cfg.architecture, self.cfg.alpha))
+
+    @property
+    def depth(self) -> int:
+        layers = self.num_layers()
+        if self.cfg.unfreeze_depth > layers:
+            raise BackboneError(
+                f"backbone.unfreeze_depth must be between 0 and {layers} for "
+                f"{self.cfg.architecture} ({layers} weighted non-BatchNorm layers), "
+                f"got {self.cfg.unfreeze_depth}"
+            )
+        return self.cfg.unfreeze_depth
+
+    def check(self) -> None:
+        cfg = self.cfg
+        if cfg.alpha != 1.0 and cfg.architecture != "MobileNetV2":
+            raise BackboneError(f"backbone.alpha applies to MobileNetV2 only, got alpha={cfg.alpha} "
+                                f"for {cfg.architecture}")
+        self.depth  # noqa: B018  (validates depth against the layer count)
+        weights = cfg.weights
+        if weights not in (None, "imagenet"):
+            path = Path(weights)
+            if not path.name.lower().endswith(WEIGHT_SUFFIXES):
+                raise BackboneError(f"backbone.weights: expected imagenet, null or a file ending in "
+                                    f"{', '.join(WEIGHT_SUFFIXES)}, got {weights!r}")
+            if not path.is_file():
+                raise BackboneError(f"backbone.weights: file not found: {weights}")
+
+    # -- model -----------------------------------------------------------------------------
+    def _base(self) -> Any:
+        """The base network with the configured weights."""
+        cfg, weights = self.cfg, self.cfg.weights
+        self.check()
+        if weights == "imagenet":
+            try:
+                return _construct(cfg.architecture, cfg.alpha, cfg.image_size, "imagenet")
+            except Exception as error:  # keras raises a bare Exception for a failed download
+                if "URL fetch failure" in str(error) or isinstance(error, OSError):
+                    raise BackboneError(
+                        f"backbone.weights: imagenet weights for {cfg.architecture} could not be "
+                        "downloaded (this machine looks offline); pass a local weights file "
+                        f"({', '.join(WEIGHT_SUFFIXES)}) or null"
+                    ) from None
+                raise BackboneError(f"backbone.weights: imagenet: {str(error).splitlines()[0]}") from None
+        base = _construct(cfg.architecture, cfg.alpha, cfg.image_size, None)
+        if weights is not None:
+            self._load_base_weights(base, Path(weights))
+        return base
+
+    def _load_base_weights(self, base: Any, path: Path) -> None:
+        what = f"{self.cfg.architecture} (include_top=False, alpha={self.cfg.alpha})"
+        try:
+            if path.name.lower().endswith(".keras"):
+                source = keras.models.load_model(path, compile=False)
+                base.set_weights(_matching_weights(source, base))
+            else:
+                base.load_weights(str(path))
+        except (ValueError, OSError, KeyError, TypeError) as error:
+            raise BackboneError(
+                f"backbone.weights: {path} does not fit {what}: {str(error).splitlines()[0][:200]}"
+            ) from None
+
+    def _assemble(self, base: Any, num_labels: int) -> Any:
+        size, cfg = self.cfg.image_size, self.cfg
+        inputs = keras.Input((size, size, 3), name="image")
+        x = inputs
+        if cfg.augment:
+            x = keras.Sequential(
+                [keras.layers.RandomFlip("horizontal"), keras.layers.RandomRotation(0.05),
+                 keras.layers.RandomZoom(0.1)],
+                name="augment",
+            )(x)
+        # frozen: BatchNorm in inference mode, also once unfrozen; train: it follows fit/predict
+        x = base(x) if self.bn_trains else base(x, training=False)
+        x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+        x = keras.layers.Dropout(cfg.head_dropout, name="dropout")(x)
+        outputs = keras.layers.Dense(num_labels, name="head")(x)
+        return keras.Model(inputs, outputs, name=f"tl_ray_{cfg.architecture.lower()}")
+
+    def build(self, num_labels: int) -> Any:
+        """Base (configured weights) plus a new head; starts in the `head` phase."""
+        model = self._assemble(self._base(), num_labels)
+        self.set_phase(model, "head")
+        return model
+
+    @staticmethod
+    def base_of(model: Any) -> Any:
+        for layer in model.layers:
+            if isinstance(layer, keras.Model) and layer.name != "augment":
+                return layer
+        raise CheckpointError(f"model {model.name} has no base network")
+
+    # -- which layers train ------------------------------------------------------------------
+    @property
+    def bn_trains(self) -> bool:
+        """Whether BatchNorm layers train (see `batchnorm` in KerasImageConfig)."""
+        mode = self.cfg.batchnorm
+        return mode == "train" or (mode == "auto" and self.cfg.weights is None)
+
+    def set_phase(self, model: Any, phase: str) -> None:
+        """`head`: base frozen; `finetune`: the top `unfreeze_depth` units train (and, with
+        batchnorm train, the BatchNorm layer after each of them)."""
+        base = self.base_of(model)
+        depth = 0 if phase == "head" else self.depth
+        base.trainable = depth > 0
+        if depth > 0:
+            units = _units(base)
+            top = {layer.name for layer in units[len(units) - depth:]}
+            unit_names, previous_trains = {layer.name for layer in units}, False
+            for layer in base.layers:
+                if isinstance(layer, _BN):
+                    layer.trainable = self.bn_trains and previous_trains
+                    continue
+                layer.trainable = layer.name in top
+                if layer.name in unit_names:
+                    previous_trains = layer.trainable
+        for layer in model.layers:
+            if layer is not base:
+                layer.trainable = True
+
+    def apply_unfreeze(self, model: Any) -> None:
+        self.set_phase(model, "finetune")
+
+    def phase_of(self, epoch: int) -> str:
+        """Epochs 1..head_epochs train the head; the rest fine-tune."""
+        return "head" if epoch <= self.cfg.head_epochs else "finetune"
+
+    def learning_rate(self, phase: str) -> float:
+        return self.cfg.head_lr if phase == "head" else self.cfg.finetune_lr
+
+    def layer_of(self, name: str) -> int:
+        """0 for the head, 1 for the top unit, ... (by the variable's layer name)."""
+        layer = name.split("/")[0]
+        names = _unit_names(self.cfg.architecture, self.cfg.alpha)
+        return len(names) - names.index(layer) if layer in names else 0
+
+    def trainable_names(self, model: Any) -> set[str]:
+        return {v.name for v in model.trainable_weights}
+
+    def parameter_names(self, model: Any) -> set[str]:
+        """Every weight full-depth fine-tuning trains: all but BatchNorm's when it is frozen."""
+        base = self.base_of(model)
+        head = [layer for layer in model.layers if layer is not base]
+        norms = [layer for layer in base.layers if isinstance(layer, _BN)] if self.bn_trains else []
+        return _variable_names([*_units(base), *norms, *head], trainable_only=False)
+
+    # -- data and persistence ------------------------------------------------------------------
+    def preprocess_pixels(self, pixels: Any) -> Any:
+        """uint8 (n, S, S, 3) pixels (NumPy or tf) -> the architecture's float inputs."""
+        _, preprocess_input = ARCHITECTURES[self.cfg.architecture]
+        if isinstance(pixels, np.ndarray):
+            return preprocess_input(pixels.astype(np.float32))  # a copy: it works in place
+        import tensorflow as tf
+
+        return preprocess_input(tf.cast(pixels, tf.float32))
+
+    def preprocess(self, images: list[Any], max_length: int | None = None) -> np.ndarray:
+        """Encoded bytes, paths or arrays -> resized, preprocessed float32 (n, S, S, 3).
+
+        `max_length` is the text families' argument and is ignored here.
+        """
+        return self.preprocess_pixels(read_images(list(images), self.cfg.image_size))
+
+    def logits(self, model: Any, inputs: Any) -> Any:
+        return model(inputs, training=False)
+
+    def scores(self, model: Any, inputs: Any) -> np.ndarray:
+        return np.asarray(self.logits(model, inputs), dtype=np.float32)
+
+    def save(self, model: Any, folder: Path) -> None:
+        """The whole model as `model.keras` (loadable by plain tf_keras, no tl-ray code)."""
+        model.save(str(Path(folder) / MODEL_FILE))
+
+    def load(self, folder: Path, num_labels: int, trainable: bool = False) -> Any:
+        path = Path(folder) / MODEL_FILE
+        if not path.is_file():
+            raise CheckpointError(f"{folder} has no {MODEL_FILE}")
+        try:
+            model = keras.models.load_model(str(path), compile=False)
+        except (ValueError, OSError) as error:
+            raise CheckpointError(f"{path}: cannot load ({str(error).splitlines()[0][:200]})") from None
+        outputs = model.outputs[0].shape[-1]
+        if outputs != num_labels:
+            raise CheckpointError(f"{path} has {outputs} outputs but labels.json lists {num_labels}")
+        return model
+
+
+def _matching_weights(source: Any, base: Any) -> list[np.ndarray]:
+    """Weights for `base` from a loaded .keras model: the model itself or a nested base."""
+    shapes = [tuple(w.shape) for w in base.weights]
+    candidates = [source] + [layer for layer in source.layers if isinstance(layer, keras.Model)]
+    for candidate in candidates:
+        if [tuple(w.shape) for w in candidate.weights] == shapes:
+            return candidate.get_weights()
+    raise ValueError(f"no network inside {source.name} has the base's {len(shapes)} weight shapes")

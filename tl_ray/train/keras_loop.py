@@ -1,0 +1,188 @@
+"""The per-worker loop for Keras image backbones, run by Ray's TensorflowTrainer.
+
+Setup (MultiWorkerMirroredStrategy across the workers), data, model, then two phases:
+epochs 1..head_epochs train the head on a frozen base at `head_lr`; the remaining epochs
+unfreeze the top `unfreeze_depth` layers at `finetune_lr` (a fresh Adam, recompiled, as in
+the Keras fine-tuning guide). Reported metrics match the torch loop's.
+
+Data: each worker materialises its (equal-sized) Ray Data shard of the training set once,
+decoded and resized to uint8 pixels, and reshuffles it every epoch with tf.data
+(`train.batch_size` images per worker and step, as in the torch loop). Validation is exact:
+every worker decodes the whole validation set, scores every W-th batch with a plain copy of
+the weights, and the confusion counts are summed across workers.
+
+Resuming (after a worker failure) restores the weights and the epoch from the last reported
+checkpoint; Adam's moments restart.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # before TensorFlow loads (see keras_image)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import math  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import ray.train  # noqa: E402
+
+from tl_ray.backbones.registry import get_backbone  # noqa: E402
+from tl_ray.config import parse_config  # noqa: E402
+from tl_ray.data import LabelMap  # noqa: E402
+from tl_ray.errors import ConfigError  # noqa: E402
+from tl_ray.images import read_images  # noqa: E402
+from tl_ray.train.checkpoint import read_manifest, write_model_folder  # noqa: E402
+
+__all__ = ["keras_train_loop_per_worker", "tally_metrics"]
+
+
+def keras_train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Fine-tune a keras-image backbone; `config` as for the torch loop (run, labels, train_rows)."""
+    import tensorflow as tf
+    import tf_keras as keras
+
+    # -- setup (the strategy first: it reads TF_CONFIG, set by Ray, before any TF op) --------
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    cfg = parse_config(config["run"])
+    tcfg = cfg.train
+    labels = LabelMap(tuple(config["labels"]))
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    keras.utils.set_random_seed(tcfg.seed)
+    backbone = get_backbone(cfg.backbone)
+
+    # -- data -------------------------------------------------------------------------------
+    size = cfg.backbone.image_size
+    x_train, y_train = _materialize(ray.train.get_dataset_shard("train"), size)
+    x_val, y_val = _materialize(ray.train.get_dataset_shard("validation"), size)
+    if len(x_train) == 0:
+        raise ConfigError(f"train.num_workers ({world}) is larger than the training set "
+                          f"({config['train_rows']} images); lower train.num_workers")
+
+    # -- model (fresh, or resumed from the last reported checkpoint) ------------------------
+    checkpoint = ray.train.get_checkpoint()
+    first_epoch = 1
+    with strategy.scope():
+        if checkpoint is None:
+            model = backbone.build(num_labels=len(labels))
+        else:
+            with checkpoint.as_directory() as folder:
+                model = backbone.load(Path(folder), num_labels=len(labels), trainable=True)
+                first_epoch = int(read_manifest(folder)["epoch"]) + 1
+    plain = keras.models.clone_model(model)  # outside the scope: evaluation and saving need no collectives
+
+    # -- loop -------------------------------------------------------------------------------
+    phase = None
+    for epoch in range(first_epoch, tcfg.epochs + 1):
+        if backbone.phase_of(epoch) != phase:
+            phase = backbone.phase_of(epoch)
+            backbone.set_phase(model, phase)
+            with strategy.scope():
+                model.compile(
+                    optimizer=keras.optimizers.Adam(backbone.learning_rate(phase)),
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                )
+        started = time.perf_counter()
+        data = _epoch_data(tf, strategy, x_train, y_train, backbone, tcfg.batch_size, tcfg.seed + epoch)
+        steps = math.ceil(len(x_train) / tcfg.batch_size)  # equal on every worker: equal shards
+        history = model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0)
+        elapsed = time.perf_counter() - started
+
+        plain.set_weights(model.get_weights())  # every worker, same point: a collective read
+        metrics = _evaluate(tf, strategy, plain, backbone, x_val, y_val, len(labels), tcfg.batch_size)
+        metrics.update(
+            epoch=epoch,
+            phase=1 if phase == "head" else 2,
+            train_loss=float(history.history["loss"][-1]),
+            samples_per_s=float(config["train_rows"] / elapsed),
+            lr=backbone.learning_rate(phase),
+            resumed_from_epoch=first_epoch - 1,
+        )
+        _report(metrics, rank, backbone, plain, labels, epoch, cfg)
+
+
+def _materialize(shard: Any, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A Ray Data shard of ("image": bytes, "label": id) -> uint8 pixels and int64 labels."""
+    pixels, targets = [], []
+    for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
+        if "image" not in batch:
+            raise ConfigError(
+                "backbone kind keras-image needs image data: set data.path to a folder of class "
+                "sub-folders, or data.image_column to the table's column of image bytes or paths"
+            )
+        pixels.append(read_images(list(batch["image"]), size))
+        targets.append(np.asarray(batch["label"], dtype=np.int64))
+    if not pixels:
+        return np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64)
+    return np.concatenate(pixels), np.concatenate(targets)
+
+
+def _epoch_data(tf, strategy, x: np.ndarray, y: np.ndarray, backbone: Any, batch_size: int, seed: int):
+    """This worker's shard, reshuffled, in batches of `batch_size`, preprocessed.
+
+    Built per replica by `distribute_datasets_from_function`: no auto-sharding (the shard is
+    already this worker's) and no re-batching (the batch size is per worker).
+    """
+    dataset = (
+        tf.data.Dataset.from_tensor_slices((x, y))
+        .shuffle(max(1, len(x)), seed=seed, reshuffle_each_iteration=False)
+        .batch(batch_size)
+        .map(lambda images, labels: (backbone.preprocess_pixels(images), labels))
+        .prefetch(2)
+    )
+    return strategy.distribute_datasets_from_function(lambda _: dataset)
+
+
+def tally_metrics(confusion: np.ndarray, loss_sum: float, prefix: str = "val_") -> dict[str, float]:
+    """Loss, accuracy, macro-F1 and count from a confusion matrix (rows: truth).
+
+    >>> tally_metrics(np.array([[1, 0], [1, 2]]), 2.0)["val_accuracy"]
+    0.75
+    """
+    confusion = confusion.astype(np.float64)
+    count = float(confusion.sum())
+    true_pos, predicted, actual = np.diag(confusion), confusion.sum(0), confusion.sum(1)
+    present = (predicted + actual) > 0
+    f1 = 2 * true_pos / np.maximum(predicted + actual, 1)
+    return {
+        f"{prefix}loss": loss_sum / max(1.0, count),
+        f"{prefix}accuracy": float(true_pos.sum()) / max(1.0, count),
+        f"{prefix}f1": float(f1[present].mean()) if present.any() else 0.0,
+        f"{prefix}count": int(count),
+    }
+
+
+def _evaluate(tf, strategy, model, backbone, x, y, num_labels, batch_size) -> dict[str, float]:
+    """Exact metrics over the whole validation set: worker r scores batches r, r+W, ..."""
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    counts = np.zeros(num_labels * num_labels + 1, np.float64)  # confusion, then loss sum
+    for index, start in enumerate(range(0, len(x), batch_size)):
+        if index % world != rank:
+            continue
+        logits = backbone.scores(model, backbone.preprocess_pixels(x[start : start + batch_size]))
+        targets = y[start : start + batch_size]
+        log_probs = logits - np.logaddexp.reduce(logits.astype(np.float64), axis=1, keepdims=True)
+        counts[-1] -= log_probs[np.arange(len(targets)), targets].sum()
+        np.add.at(counts, targets * num_labels + logits.argmax(1), 1)
+    values = strategy.experimental_distribute_values_from_function(lambda _: tf.constant(counts))
+    total = strategy.reduce(tf.distribute.ReduceOp.SUM, values, axis=None).numpy()
+    return tally_metrics(total[:-1].reshape(num_labels, num_labels), float(total[-1]))
+
+
+def _report(metrics, rank, backbone, model, labels, epoch, cfg) -> None:
+    """Report this epoch; rank 0 attaches a servable checkpoint folder (from the plain copy)."""
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="tl-ray-ckpt-") as folder:
+        write_model_folder(
+            Path(folder), backbone, model, labels, metrics=metrics, epoch=epoch,
+            extra={"image_size": cfg.backbone.image_size, "input": "image", "train": cfg.train.model_dump()},
+        )
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
