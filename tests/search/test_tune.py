@@ -152,3 +152,12 @@ def test_invalid_space_fails_before_any_trial(tmp_path, tiny_bert, sentiment_csv
     space.write_text(SPACE.replace("low: 1.0e-4", "low: 0.5"), encoding="utf-8")
     assert main(["tune", str(config), "--space", str(space)]) == 2
     assert "train.lr" in capsys.readouterr().err
+
+
+def test_trials_sharing_a_depth_share_one_feature_cache(search):
+    folder, _, _ = search
+    study = optuna.load_study(study_name="tl-ray", storage=f"sqlite:///{folder / 'study.db'}")
+    depths = {t.params["backbone.unfreeze_depth"] for t in study.trials if t.state.name == "COMPLETE"}
+    cacheable = {d for d in depths if d < 2}  # depth 2 of the tiny BERT's 2 layers: nothing frozen
+    built = [json.loads(p.read_text())["boundary"] for p in folder.glob("cache/*/meta.json")]
+    assert sorted(built) == sorted({0: "pooled", 1: "layer1"}[d] for d in cacheable)

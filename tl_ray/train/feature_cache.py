@@ -101,7 +101,9 @@ def ensure_cache(plan: CachePlan, cfg: "RunConfig", datasets: "Datasets") -> Pat
         return plan.folder
     tcfg = cfg.train
     task = ray.remote(build_cache).options(
-        num_cpus=tcfg.cpus_per_worker, num_gpus=1 if tcfg.use_gpu else 0
+        num_cpus=tcfg.cpus_per_worker,
+        num_gpus=1 if tcfg.use_gpu else 0,
+        scheduling_strategy="DEFAULT",  # not inside a Tune trial's placement group
     )
     tables = {name: getattr(datasets, name).select(["text"]) for name in SPLITS}
     started = time.perf_counter()
