@@ -40,11 +40,12 @@ def _kinds(backbone, model, names: set[str]) -> set[str]:
     return {owner.get(name, "head") for name in names}
 
 
-def test_unit_counts_of_the_architectures():
+def test_unit_count_table_matches_the_built_architectures():
     # units = weighted non-BatchNorm layers of the base (include_top=False)
-    assert {arch: _backbone(architecture=arch, alpha=1.0).num_layers()
-            for arch in ("MobileNetV2", "VGG16", "ResNet50", "EfficientNetB0")} == {
-        "MobileNetV2": 52, "VGG16": 13, "ResNet50": 53, "EfficientNetB0": 81}
+    from tl_ray.backbones.keras_image import UNIT_COUNTS, _unit_names
+
+    assert {arch: len(_unit_names(arch, 1.0)) for arch in UNIT_COUNTS} == UNIT_COUNTS
+    assert len(_unit_names("MobileNetV2", 0.35)) == UNIT_COUNTS["MobileNetV2"]
 
 
 @pytest.mark.parametrize("depth", [0, 1, 7, 52])
@@ -186,6 +187,10 @@ def test_image_data_errors_are_one_clear_line(tmp_path):
 
 
 def test_tl_ray_and_the_torch_paths_do_not_import_tensorflow():
+    # the driver of a keras-image run validates its config without TensorFlow too
     code = ("import sys, tl_ray, tl_ray.train.driver, tl_ray.serve.predictor, tl_ray.images, "
-            "tl_ray.train.keras_loop; assert 'tensorflow' not in sys.modules, 'tensorflow loaded'")
+            "tl_ray.train.keras_loop; from tl_ray.backbones.registry import get_backbone; "
+            "from tl_ray.config import KerasImageConfig; "
+            "get_backbone(KerasImageConfig(unfreeze_depth=3)).check(); "
+            "assert 'tensorflow' not in sys.modules, 'tensorflow loaded'")
     subprocess.run([sys.executable, "-c", code], check=True)

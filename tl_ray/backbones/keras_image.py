@@ -30,33 +30,55 @@ from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
-import tf_keras as keras  # noqa: E402
 
 from tl_ray.backbones.base import Backbone  # noqa: E402
 from tl_ray.backbones.registry import register  # noqa: E402
 from tl_ray.errors import BackboneError, CheckpointError  # noqa: E402
 from tl_ray.images import read_images  # noqa: E402
 
-__all__ = ["ARCHITECTURES", "KerasImageBackbone", "MODEL_FILE", "WEIGHT_SUFFIXES"]
+__all__ = ["ARCHITECTURES", "KerasImageBackbone", "MODEL_FILE", "UNIT_COUNTS", "WEIGHT_SUFFIXES"]
 
 MODEL_FILE = "model.keras"
 WEIGHT_SUFFIXES = (".weights.h5", ".h5", ".keras")
-_apps = keras.applications
-# A fixed mapping from the config's name to (constructor, preprocess_input).
-ARCHITECTURES: dict[str, tuple[Callable[..., Any], Callable[[Any], Any]]] = {
-    "VGG16": (_apps.VGG16, _apps.vgg16.preprocess_input),
-    "ResNet50": (_apps.ResNet50, _apps.resnet50.preprocess_input),
-    "MobileNetV2": (_apps.MobileNetV2, _apps.mobilenet_v2.preprocess_input),
-    "EfficientNetB0": (_apps.EfficientNetB0, _apps.efficientnet.preprocess_input),
+# A fixed mapping from the config's name to keras.applications (constructor, module).
+ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "VGG16": ("VGG16", "vgg16"),
+    "ResNet50": ("ResNet50", "resnet50"),
+    "MobileNetV2": ("MobileNetV2", "mobilenet_v2"),
+    "EfficientNetB0": ("EfficientNetB0", "efficientnet"),
 }
-_BN = keras.layers.BatchNormalization
+# Units per architecture (any alpha or image size); tests check it against built models.
+# A table, so the driver validates depths without importing TensorFlow.
+UNIT_COUNTS = {"VGG16": 13, "ResNet50": 53, "MobileNetV2": 52, "EfficientNetB0": 81}
+
+
+class _LazyKeras:
+    """`keras` here is tf_keras, imported on first use (the driver never needs it)."""
+
+    def __getattr__(self, name: str) -> Any:
+        import tf_keras
+
+        return getattr(tf_keras, name)
+
+
+keras: Any = _LazyKeras()
+
+
+def _application(architecture: str) -> tuple[Callable[..., Any], Callable[[Any], Any]]:
+    constructor, module = ARCHITECTURES[architecture]
+    apps = keras.applications
+    return getattr(apps, constructor), getattr(apps, module).preprocess_input
+
+
+def _is_bn(layer: Any) -> bool:
+    return isinstance(layer, keras.layers.BatchNormalization)
 
 
 def _units(base: Any) -> list[Any]:
     """The base's unfreezable layers, bottom to top: weighted layers other than BatchNorm."""
     return [
         layer for layer in base.layers
-        if not isinstance(layer, _BN) and any(v.trainable for v in layer.weights)
+        if not _is_bn(layer) and any(v.trainable for v in layer.weights)
     ]
 
 
@@ -68,7 +90,7 @@ def _unit_names(architecture: str, alpha: float) -> tuple[str, ...]:
 
 
 def _construct(architecture: str, alpha: float, size: int, weights: str | None) -> Any:
-    constructor, _ = ARCHITECTURES[architecture]
+    constructor, _ = _application(architecture)
     extra = {"alpha": alpha} if architecture == "MobileNetV2" else {}
     return constructor(include_top=False, weights=weights, input_shape=(size, size, 3), **extra)
 
@@ -89,7 +111,7 @@ class KerasImageBackbone(Backbone):
 
     # -- config checks ---------------------------------------------------------------------
     def num_layers(self) -> int:
-        return len(_unit_names(self.cfg.architecture, self.cfg.alpha))
+        return UNIT_COUNTS[self.cfg.architecture]
 
     @property
     def depth(self) -> int:
@@ -199,7 +221,7 @@ class KerasImageBackbone(Backbone):
             top = {layer.name for layer in units[len(units) - depth:]}
             unit_names, previous_trains = {layer.name for layer in units}, False
             for layer in base.layers:
-                if isinstance(layer, _BN):
+                if _is_bn(layer):
                     layer.trainable = self.bn_trains and previous_trains
                     continue
                 layer.trainable = layer.name in top
@@ -232,13 +254,13 @@ class KerasImageBackbone(Backbone):
         """Every weight full-depth fine-tuning trains: all but BatchNorm's when it is frozen."""
         base = self.base_of(model)
         head = [layer for layer in model.layers if layer is not base]
-        norms = [layer for layer in base.layers if isinstance(layer, _BN)] if self.bn_trains else []
+        norms = [layer for layer in base.layers if _is_bn(layer)] if self.bn_trains else []
         return _variable_names([*_units(base), *norms, *head], trainable_only=False)
 
     # -- data and persistence ------------------------------------------------------------------
     def preprocess_pixels(self, pixels: Any) -> Any:
         """uint8 (n, S, S, 3) pixels (NumPy or tf) -> the architecture's float inputs."""
-        _, preprocess_input = ARCHITECTURES[self.cfg.architecture]
+        _, preprocess_input = _application(self.cfg.architecture)
         if isinstance(pixels, np.ndarray):
             return preprocess_input(pixels.astype(np.float32))  # a copy: it works in place
         import tensorflow as tf

@@ -14,6 +14,8 @@ Example:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 from typing import Any, Literal
 
@@ -37,6 +39,8 @@ __all__ = [
     "PredictResponse",
     "Prediction",
     "RequestError",
+    "decode_base64_images",
+    "parse_multipart_images",
     "parse_predict_body",
     "token_digest",
 ]
@@ -63,17 +67,46 @@ class Limits(BaseModel):
 
 
 class PredictRequest(BaseModel):
-    """`POST /v1/predict` body: `{"texts": ["...", ...]}` (limits come from the server)."""
+    """`POST /v1/predict` body: `{"texts": ["...", ...]}`, or for an image model
+    `{"images": ["<base64 PNG/JPEG>", ...]}` (limits come from the server; `max_texts`
+    counts images too)."""
 
     model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"texts": ["a gripping, funny film"]}]}
+        extra="forbid",
+        json_schema_extra={"examples": [{"texts": ["a gripping, funny film"]},
+                                        {"images": ["iVBORw0KGgo...(base64 PNG)"]}]},
     )
 
-    texts: list[StrictStr] = Field(min_length=1, description="Texts to classify, in order.")
+    texts: list[StrictStr] | None = Field(
+        default=None, min_length=1, description="Texts to classify, in order."
+    )
+    images: list[StrictStr] | None = Field(
+        default=None, min_length=1, description="Base64-encoded PNG/JPEG files, in order."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _texts_or_images(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and raw.get("texts") is None and raw.get("images") is None:
+            raise ValueError('texts: Field required; send {"texts": [...]} '
+                             '(or {"images": [base64, ...]} to an image model)')
+        if isinstance(raw, dict) and "texts" in raw and "images" in raw:
+            raise ValueError("send texts or images, not both")
+        return raw
+
+    @field_validator("images")
+    @classmethod
+    def _few_enough_images(cls, images: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        limits: Limits = (info.context or {}).get("limits") or Limits()
+        if images is not None and len(images) > limits.max_texts:
+            raise ValueError(f"{len(images)} images in one request; the limit is {limits.max_texts}")
+        return images
 
     @field_validator("texts")
     @classmethod
-    def _within_limits(cls, texts: list[str], info: ValidationInfo) -> list[str]:
+    def _within_limits(cls, texts: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if texts is None:
+            return texts
         limits: Limits = (info.context or {}).get("limits") or Limits()
         if len(texts) > limits.max_texts:
             raise ValueError(f"{len(texts)} texts in one request; the limit is {limits.max_texts}")
@@ -85,6 +118,43 @@ class PredictRequest(BaseModel):
                 f"{limits.max_text_chars} (the server can truncate instead: long_texts=truncate)"
             )
         return [text[: limits.max_text_chars] for text in texts]
+
+
+def decode_base64_images(images: list[str]) -> list[bytes]:
+    """The request's base64 strings -> file bytes; RequestError(422) names a bad one.
+
+    >>> decode_base64_images(["aGk="])
+    [b'hi']
+    """
+    decoded = []
+    for i, text in enumerate(images):
+        try:
+            decoded.append(base64.b64decode(text.split(",", 1)[-1] if text.startswith("data:") else text,
+                                            validate=True))
+        except (binascii.Error, ValueError):
+            raise RequestError(422, f"images[{i}] is not valid base64") from None
+    return decoded
+
+
+def parse_multipart_images(body: bytes, content_type: str, limits: Limits) -> list[bytes]:
+    """The files of a `multipart/form-data` body (e.g. `curl -F image=@cat.png`), in order."""
+    from email import policy
+    from email.parser import BytesParser
+
+    if len(body) > limits.max_body_bytes:
+        limit = limits.max_body_bytes
+        raise RequestError(413, f"request body has {len(body)} bytes; the limit is {limit}")
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1")
+    message = BytesParser(policy=policy.HTTP).parsebytes(head + body)
+    if not message.is_multipart():
+        raise RequestError(400, "malformed multipart body; send files like -F image=@photo.png")
+    files = [part.get_payload(decode=True) or b"" for part in message.iter_parts()
+             if part.get_filename() is not None]
+    if not files:
+        raise RequestError(422, "no files in the multipart body; send files like -F image=@photo.png")
+    if len(files) > limits.max_texts:
+        raise RequestError(422, f"{len(files)} images in one request; the limit is {limits.max_texts}")
+    return files
 
 
 class Prediction(BaseModel):

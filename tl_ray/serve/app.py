@@ -33,6 +33,8 @@ from tl_ray.serve.api import (
     PredictResponse,
     RequestError,
     ServeArgs,
+    decode_base64_images,
+    parse_multipart_images,
     parse_predict_body,
     token_digest,
 )
@@ -64,7 +66,7 @@ def _load(slot: ModelSlot) -> _Loaded:
     manifest, backbone = predictor.manifest, predictor.manifest.get("backbone", {})
     info = ModelInfo(
         path=str(Path(slot.model).resolve()),
-        backbone=str(backbone.get("name_or_path", manifest.get("base_path", ""))),
+        backbone=str(backbone.get("name_or_path", backbone.get("architecture", manifest.get("base_path", "")))),
         kind=str(backbone.get("kind", "")),
         depth=backbone.get("unfreeze_depth"),
         mode=backbone.get("mode"),
@@ -106,7 +108,8 @@ def _digests(args: ServeArgs) -> list[str]:
 
 api = FastAPI(
     title="tl-ray",
-    description="Text classification with a tl-ray checkpoint. Send `Authorization: Bearer TOKEN` "
+    description="Text or image classification with a tl-ray checkpoint. Images: base64 PNG/JPEG "
+    "in JSON (`{\"images\": [...]}`) or a multipart upload. Send `Authorization: Bearer TOKEN` "
     "when the server has a token.",
 )
 _JSON_BODY = {"application/json": {"schema": PredictRequest.model_json_schema()}}
@@ -129,6 +132,36 @@ async def _read_body(request: Request, limit: int) -> bytes:
         if len(body) > limit:
             raise RequestError(413, f"request body is over the limit of {limit} bytes")
     return bytes(body)
+
+
+def _decoded_images(files: list[bytes], size: int) -> list[Any]:
+    """Image files -> resized pixels; RequestError(422) names one that does not decode."""
+    from tl_ray.errors import DataError
+    from tl_ray.images import decode_image
+
+    try:
+        return [decode_image(data, size, name=f"images[{i}]") for i, data in enumerate(files)]
+    except DataError as error:
+        raise RequestError(422, str(error)) from None
+
+
+async def _request_items(request: Request, limits: Any, predictor: Any) -> list[Any]:
+    """The texts (or decoded images) of a request, checked against what the model reads."""
+    body = await _read_body(request, limits.max_body_bytes)
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        files = parse_multipart_images(body, content_type, limits)
+    else:
+        parsed = parse_predict_body(body, limits)
+        if parsed.texts is not None:
+            if predictor.input_kind != "text":
+                raise RequestError(422, 'this model classifies images; send {"images": '
+                                   '[base64 PNG/JPEG, ...]} or a multipart upload')
+            return parsed.texts
+        files = decode_base64_images(parsed.images or [])
+    if predictor.input_kind != "image":
+        raise RequestError(422, 'this model classifies texts; send {"texts": ["...", ...]}')
+    return await asyncio.to_thread(_decoded_images, files, predictor.backbone.cfg.image_size)
 
 
 class TLRayServer:
@@ -191,12 +224,11 @@ class TLRayServer:
 
     @api.post("/v1/predict", response_model=PredictResponse, openapi_extra=_BODY)
     async def predict(self, request: Request) -> dict[str, Any]:
-        """Classify `texts`: label, score and class probabilities per text, in order."""
+        """Classify `texts` (or `images`): label, score and class probabilities each, in order."""
         self._authorize(request)
-        limits = self.args.limits
-        parsed = parse_predict_body(await _read_body(request, limits.max_body_bytes), limits)
         loaded, size = self._loaded(), self.args.max_batch_size
-        chunks = [parsed.texts[start : start + size] for start in range(0, len(parsed.texts), size)]
+        items = await _request_items(request, self.args.limits, loaded.predictor)
+        chunks = [items[start : start + size] for start in range(0, len(items), size)]
         answers = await asyncio.gather(*(self._predict_batch((loaded, chunk)) for chunk in chunks))
         info = loaded.info
         trial = (info.trial or {}).get("trial")

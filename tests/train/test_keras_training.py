@@ -1,0 +1,124 @@
+"""keras-image end to end on the shared Ray: `tl-ray train` (TensorflowTrainer, 2 workers,
+MultiWorkerMirroredStrategy, both phases), `tl-ray predict --image`, and the Serve endpoint
+with base64 and multipart images. Tiny: 3 digit classes x 20 images at 32x32, MobileNetV2
+alpha 0.35, 2 epochs.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from image_helpers import digits, png_bytes, write_image_folder
+
+from tl_ray.cli.app import main
+from tl_ray.train.checkpoint import read_manifest
+
+
+def _cli(*argv: str) -> tuple[int, list[dict]]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(list(argv))
+    return code, [json.loads(line) for line in out.getvalue().splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, ray_session) -> dict:
+    root = tmp_path_factory.mktemp("keras-train")
+    write_image_folder(root / "digits", digits((0, 1, 2), 20))
+    config = root / "run.yaml"
+    config.write_text(
+        f"data: {{path: {root / 'digits'}, validation_split: 0.25}}\n"
+        "backbone: {kind: keras-image, architecture: MobileNetV2, alpha: 0.35, image_size: 32,\n"
+        "           unfreeze_depth: 2, head_epochs: 1, head_lr: 0.01, finetune_lr: 0.001}\n"
+        "train: {epochs: 2, batch_size: 8, num_workers: 2, keep_checkpoints: 2, max_failures: 0}\n"
+        f"output: {root / 'out'}\n",
+        encoding="utf-8",
+    )
+    started = time.perf_counter()
+    code, lines = _cli("train", str(config))
+    assert code == 0
+    return {"root": root, "result": lines[-1], "seconds": time.perf_counter() - started}
+
+
+def test_train_cli_runs_both_phases_on_two_workers(trained):
+    result, root = trained["result"], trained["root"]
+    assert result["metrics"]["val_count"] == 15  # exact: the whole validation set, once
+    manifests = sorted(
+        (read_manifest(p.parent) for p in (root / "out").glob("train_*/checkpoint_*/manifest.json")),
+        key=lambda m: m["epoch"],
+    )
+    assert [(m["epoch"], m["metrics"]["phase"], m["metrics"]["lr"]) for m in manifests] == [
+        (1, 1, 0.01), (2, 2, 0.001)]
+    exported = read_manifest(result["model"])
+    assert exported["backbone"]["kind"] == "keras-image" and exported["image_size"] == 32
+    assert (Path(result["model"]) / "model.keras").is_file()
+    assert all(np.isfinite(m["metrics"]["train_loss"]) for m in manifests)
+
+
+def test_predict_image_cli_prints_label_and_probabilities(trained, tmp_path):
+    files = []
+    for i, (pixels, _) in enumerate(digits((0, 2), 1, seed=5)):
+        files.append(tmp_path / f"{i}.png")
+        files[-1].write_bytes(png_bytes(pixels))
+    code, lines = _cli("predict", trained["result"]["model"], *[f"--image={f}" for f in files])
+    assert code == 0 and [line["image"] for line in lines] == [str(f) for f in files]
+    for line in lines:
+        assert line["label"] in ("0", "1", "2") and abs(sum(line["probabilities"].values()) - 1) < 1e-6
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    assert _cli("predict", trained["result"]["model"], "--image", str(tmp_path / "bad.png"))[0] == 2
+    assert _cli("predict", trained["result"]["model"], "--text", "a film")[0] == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_serve_answers_base64_and_multipart_images(trained):
+    from ray import serve
+
+    from tl_ray.serve.app import build_app
+    from tl_ray.serve.predictor import Predictor
+
+    model = trained["result"]["model"]
+    pngs = [png_bytes(pixels) for pixels, _ in digits((0, 1, 2), 1, seed=9)]
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app({"model": model, "num_cpus": 0.25, "max_replicas": 1}),
+                  name="keras", route_prefix="/keras", blocking=False)
+        deadline = time.monotonic() + 120
+        while serve.status().applications["keras"].status != "RUNNING":
+            assert time.monotonic() < deadline, "the keras app did not start in 120 s"
+            time.sleep(0.5)
+        url = f"http://127.0.0.1:{port}/keras/v1/predict"
+        body = {"images": [base64.b64encode(data).decode() for data in pngs]}
+        answer = httpx.post(url, json=body, timeout=60)
+        assert answer.status_code == 200, answer.text
+        expected = Predictor(model).predict(pngs)
+        got = answer.json()["predictions"]
+        assert [p["label"] for p in got] == [p["label"] for p in expected]
+        assert np.allclose([p["score"] for p in got], [p["score"] for p in expected], atol=1e-5)
+        files = [("image", (f"{i}.png", data, "image/png")) for i, data in enumerate(pngs)]
+        multipart = httpx.post(url, files=files, timeout=60)
+        assert multipart.status_code == 200, multipart.text
+        by_upload = multipart.json()["predictions"]
+        assert [p["label"] for p in by_upload] == [p["label"] for p in got]
+        assert np.allclose([p["score"] for p in by_upload], [p["score"] for p in got], atol=1e-5)
+        for bad, message in [({"images": ["%%%"]}, "images[0] is not valid base64"),
+                             ({"images": [base64.b64encode(b"xx").decode()]}, "images[0]: cannot decode"),
+                             ({"texts": ["a film"]}, "this model classifies images")]:
+            refused = httpx.post(url, json=bad, timeout=60)
+            assert refused.status_code == 422 and message in refused.json()["detail"], refused.text
+    finally:
+        serve.shutdown()
