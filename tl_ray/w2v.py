@@ -108,8 +108,9 @@ def train_model(
     corpus: str | Path, out: str | Path, *, arch: str = "word2vec", vector_size: int = 100,
     window: int = 5, min_count: int = 5, epochs: int = 5, workers: int = 1, seed: int = 0,
     encoding: str = "utf-8", lowercase: bool = False, bucket: int = 2_000_000,
+    skip_gram: bool = False,
 ) -> dict[str, Any]:
-    """Train a Word2Vec (CBOW) or FastText model on `corpus`; write it atomically to `out`.
+    """Train a Word2Vec or FastText model (CBOW, or skip-gram) on `corpus`; write it to `out`.
 
     `bucket` (FastText only) is the number of n-gram rows: memory is bucket x vector_size floats.
     """
@@ -125,7 +126,7 @@ def train_model(
     started = time.perf_counter()
     sentences = Corpus(corpus, encoding=encoding, lowercase=lowercase)
     common = dict(vector_size=vector_size, window=window, min_count=min_count, workers=workers,
-                  seed=seed, epochs=epochs)
+                  seed=seed, epochs=epochs, sg=int(skip_gram))
     model = Word2Vec(**common) if arch == "word2vec" else FastText(bucket=bucket, **common)
     model.build_vocab(corpus_iterable=sentences)
     if len(model.wv) == 0:
@@ -134,7 +135,8 @@ def train_model(
                 compute_loss=arch == "word2vec", callbacks=[_progress("train")])
     out = Path(out).expanduser().resolve()
     _save_atomic(model, out)
-    return {"model": str(out), "arch": arch, "words": len(model.wv), "vector_size": vector_size,
+    return {"model": str(out), "arch": arch, "skip_gram": skip_gram, "words": len(model.wv),
+            "vector_size": vector_size,
             "epochs": epochs, "sentences": model.corpus_count, "corpus_words": model.corpus_total_words,
             "seconds": round(time.perf_counter() - started, 2)}
 

@@ -137,6 +137,8 @@ def test_learned_and_zero_oov_and_no_subwords_without_ngrams(tmp_path):
         expected = model.unk if oov == "learned" else torch.zeros(8)
         assert torch.equal(unknown, expected)
         assert ("unk" in dict(model.named_parameters())) == (oov == "learned")
+        model(**inputs).sum().backward()  # the unknown word's row of the embedding never trains
+        assert torch.equal(model.embedding.weight.grad[1], torch.zeros(8))
 
 
 def test_case_follows_the_vocabulary(tmp_path):
@@ -210,3 +212,61 @@ def test_checkpoint_serves_without_the_vectors_file(tiny_vectors, tmp_path):
     predictor = Predictor(folder)
     assert torch.equal(predictor.logits(texts), expected)
     assert predictor.backbone.vocab.oov == "subword"
+
+
+def test_shipped_search_space_validates_for_word_vectors(tiny_vectors):
+    from tl_ray.config import parse_config
+    from tl_ray.errors import ConfigError
+    from tl_ray.search.space import load_space, validate_against
+
+    spaces = Path(__file__).resolve().parents[2] / "search_spaces"
+    cfg = parse_config({"data": {"path": "x.csv"},
+                        "backbone": {"kind": "word-vectors", "vectors": tiny_vectors}})
+    layers = get_backbone(cfg.backbone).num_layers()
+    validate_against(load_space(spaces / "word-vectors.yaml"), cfg, max_depth=layers)
+    with pytest.raises(ConfigError, match="exceeds the backbone's 1 layers"):  # MiniLM's depths
+        validate_against(load_space(spaces / "minilm-sentiment.yaml").without(["backbone.lora_rank"]),
+                         cfg, max_depth=layers)
+
+
+def test_train_and_predict_through_the_cli_from_a_vec_file(ray_session, tiny_vectors, sentiment_csv,
+                                                           tmp_path):
+    """A real Ray Train run (2 DDP workers) from a word2vec text file, then `tl-ray predict`."""
+    import contextlib
+    import io
+    import json
+
+    from gensim.models import FastText
+
+    from tl_ray.cli.app import main
+
+    vec = tmp_path / "tiny.vec"
+    FastText.load(tiny_vectors).wv.save_word2vec_format(str(vec))
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"data: {{path: {sentiment_csv}, validation_split: 0.25}}\n"
+        f"backbone: {{kind: word-vectors, vectors: {vec}, encoder: cnn, unfreeze_depth: 1}}\n"
+        "train: {lr: 5.0e-3, epochs: 3, batch_size: 16, max_length: 32, num_workers: 2,"
+        " warmup_ratio: 0.0}\n"
+        f"output: {tmp_path / 'run'}\n",
+        encoding="utf-8",
+    )
+
+    def run(argv):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = main(argv)
+        return code, [json.loads(x) for x in out.getvalue().splitlines() if x.startswith("{")]
+
+    code, lines = run(["train", str(config)])
+    assert code == 0
+    summary = lines[-1]
+    assert summary["metrics"]["val_count"] == 60 and summary["metrics"]["val_accuracy"] >= 0.9, summary
+    model_dir = Path(summary["model"])
+    assert {"word_vectors.json", "model.safetensors", "labels.json"} <= {p.name for p in model_dir.iterdir()}
+    vec.unlink()  # serving needs the checkpoint only
+    texts = ["good great film", "bad awful film"]
+    code, lines = run(["predict", str(model_dir), "--text", texts[0], "--text", texts[1]])
+    assert code == 0
+    assert [line["label"] for line in lines] == [p["label"] for p in Predictor(model_dir).predict(texts)]
+    assert [line["label"] for line in lines] == ["pos", "neg"]

@@ -27,6 +27,7 @@ __all__ = ["WordVectorsBackbone", "WordVectorsClassifier"]
 
 VOCAB_FILE = "word_vectors.json"
 WEIGHTS_FILE = "model.safetensors"
+NGRAMS_FILE = "ngrams.safetensors"  # fastText n-gram vectors, for oov: subword
 
 
 @register("word-vectors")
@@ -77,11 +78,10 @@ class WordVectorsBackbone(Backbone):
                     f"fastText .bin or a gensim FastText .model); {self.cfg.vectors} "
                     f"({vectors.source_format}) has none; use oov: learned or zero"
                 )
-            sub = vectors.subwords
+            sub = vectors.subwords if oov == "subword" else None
             self._vocab = Vocab(
                 vectors.words, oov, Vocab.is_lowercase(vectors.words),
-                sub.min_n if sub else 0, sub.max_n if sub else 0,
-                len(sub.matrix) if sub and oov == "subword" else 0,
+                sub.min_n if sub else 0, sub.max_n if sub else 0, sub.matrix if sub else None,
             )
         return self._vocab
 
@@ -89,7 +89,7 @@ class WordVectorsBackbone(Backbone):
     def _module(self, vocab: Vocab, dim: int, num_labels: int) -> WordVectorsClassifier:
         cfg = self.cfg
         return WordVectorsClassifier(
-            vocab.size, dim, num_labels, encoder=cfg.encoder, oov=vocab.oov, bucket=vocab.bucket,
+            vocab.size, dim, num_labels, encoder=cfg.encoder, oov=vocab.oov,
             filters=tuple(cfg.cnn_filters), maps=cfg.cnn_maps, hidden=cfg.lstm_hidden,
             dropout=cfg.dropout,
         )
@@ -107,8 +107,6 @@ class WordVectorsBackbone(Backbone):
             else:  # Kim's CNN-rand: uniform, with the variance of the pretrained vectors
                 bound = math.sqrt(3.0) * float(matrix.std())
                 weight[2:].uniform_(-bound, bound)
-            if vocab.oov == "subword":
-                model.ngrams[:-1] = torch.from_numpy(vectors.subwords.matrix)
         return model
 
     def layer_of(self, name: str) -> int:
@@ -129,6 +127,8 @@ class WordVectorsBackbone(Backbone):
         folder = Path(folder)
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(folder / WEIGHTS_FILE))
+        if self.vocab.ngrams is not None:
+            save_file({"ngrams": torch.from_numpy(self.vocab.ngrams)}, str(folder / NGRAMS_FILE))
         write_json_atomic(
             folder / VOCAB_FILE,
             {**self.vocab.to_dict(), "dim": int(model.embedding.embedding_dim),
@@ -142,8 +142,10 @@ class WordVectorsBackbone(Backbone):
         try:
             meta = json.loads((folder / VOCAB_FILE).read_text(encoding="utf-8"))
             state = load_file(str(folder / WEIGHTS_FILE))
+            ngrams = (load_file(str(folder / NGRAMS_FILE))["ngrams"].numpy()
+                      if meta["oov"] == "subword" else None)
             vocab = Vocab(meta["words"], meta["oov"], meta["lowercase"],
-                          meta["min_n"], meta["max_n"], meta["bucket"])
+                          meta["min_n"], meta["max_n"], ngrams)
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise CheckpointError(f"{folder}: cannot read the word-vectors model ({error})") from None
         model = self._module(vocab, int(meta["dim"]), num_labels)
@@ -161,7 +163,7 @@ class WordVectorsClassifier(nn.Module):
     """Embedding (+ unknown-word policy) -> encoder -> dropout -> linear head."""
 
     def __init__(
-        self, vocab_size: int, dim: int, num_labels: int, *, encoder: str, oov: str, bucket: int,
+        self, vocab_size: int, dim: int, num_labels: int, *, encoder: str, oov: str,
         filters: tuple[int, ...], maps: int, hidden: int, dropout: float,
     ) -> None:
         super().__init__()
@@ -170,8 +172,6 @@ class WordVectorsClassifier(nn.Module):
         self.embedding = nn.Embedding(vocab_size, dim, padding_idx=0)
         if oov == "learned":
             self.unk = nn.Parameter(torch.empty(dim).uniform_(-0.05, 0.05))
-        if oov == "subword":  # row `bucket` stays zero: the padding of the n-gram lists
-            self.register_buffer("ngrams", torch.zeros(bucket + 1, dim))
         if encoder == "mean":
             features = dim
         elif encoder == "cnn":
@@ -185,22 +185,25 @@ class WordVectorsClassifier(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(features, num_labels)
 
-    def embed(self, input_ids: torch.Tensor, oov_ngrams: torch.Tensor | None = None,
-              oov_counts: torch.Tensor | None = None) -> torch.Tensor:
-        """(batch, length, dim) vectors, unknown words resolved by the OOV policy."""
+    def embed(self, input_ids: torch.Tensor, oov_vectors: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, length, dim) vectors, unknown words resolved by the OOV policy.
+
+        Ids >= vocab_size index `oov_vectors`, the batch's unknown words (oov: subword).
+        """
         batch_oov = input_ids >= self.vocab_size
         x = self.embedding(torch.where(batch_oov, torch.full_like(input_ids, UNK), input_ids))
+        unknown = (input_ids == UNK).unsqueeze(-1)
         if self.oov == "learned":
-            x = torch.where((input_ids == UNK).unsqueeze(-1), self.unk.expand_as(x), x)
-        elif self.oov == "subword" and oov_ngrams is not None:
-            rows = self.ngrams[oov_ngrams].sum(1) / oov_counts.clamp(min=1).unsqueeze(-1).to(x.dtype)
+            x = torch.where(unknown, self.unk.expand_as(x), x)
+        elif self.oov == "zero":  # also keeps row UNK from training when the embedding does
+            x = x.masked_fill(unknown, 0.0)
+        elif oov_vectors is not None:
             local = (input_ids - self.vocab_size).clamp(min=0)
-            x = torch.where(batch_oov.unsqueeze(-1), rows[local], x)
+            x = torch.where(batch_oov.unsqueeze(-1), oov_vectors.to(x.dtype)[local], x)
         return x
 
-    def forward(self, input_ids: torch.Tensor, oov_ngrams: torch.Tensor | None = None,
-                oov_counts: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.embed(input_ids, oov_ngrams, oov_counts)
+    def forward(self, input_ids: torch.Tensor, oov_vectors: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(input_ids, oov_vectors)
         lengths = (input_ids != 0).sum(1)
         if self.encoder_kind == "mean":
             mask = (input_ids != 0).unsqueeze(-1).to(x.dtype)

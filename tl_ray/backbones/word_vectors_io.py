@@ -249,12 +249,14 @@ class Vocab:
     lowercase: bool
     min_n: int = 0
     max_n: int = 0
-    bucket: int = 0
+    ngrams: np.ndarray | None = field(default=None, repr=False)  # (bucket, dim), subword only
     index: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.index = {word: row for row, word in enumerate(self.words, start=2)}
-        self._ngram_cache: dict[str, list[int]] = {}
+        self._oov_cache: dict[str, np.ndarray] = {}
+        if self.oov == "subword" and self.ngrams is None:
+            raise ValueError("oov 'subword' needs the n-gram matrix")
 
     @property
     def size(self) -> int:
@@ -272,14 +274,16 @@ class Vocab:
         row = self.index.get(token)
         return self.index.get(token.lower()) if row is None else row
 
-    def _ngrams(self, token: str) -> list[int]:
-        word = token.lower() if self.lowercase else token
-        cached = self._ngram_cache.get(word)
-        if cached is None:
-            cached = ngram_buckets(word, self.min_n, self.max_n, self.bucket)
-            if len(self._ngram_cache) < 200_000:
-                self._ngram_cache[word] = cached
-        return cached
+    def oov_vector(self, word: str) -> np.ndarray:
+        """gensim's vector for an unknown word: the mean of its n-gram rows (zeros if none)."""
+        vector = self._oov_cache.get(word)
+        if vector is None:
+            rows = ngram_buckets(word, self.min_n, self.max_n, len(self.ngrams))
+            vector = (self.ngrams[rows].sum(0) / len(rows) if rows
+                      else np.zeros(self.ngrams.shape[1], dtype=np.float32))
+            if len(self._oov_cache) < 50_000:
+                self._oov_cache[word] = vector
+        return vector
 
     def encode(self, texts: list[str], max_length: int) -> dict[str, np.ndarray]:
         """Padded ids (batch, longest), and for subword OOV the n-gram rows of each unknown."""
@@ -299,18 +303,13 @@ class Vocab:
         for i, ids in enumerate(rows):
             input_ids[i, : len(ids)] = ids
         batch = {"input_ids": input_ids}
-        if self.oov == "subword":
-            grams = [self._ngrams(word) for word in unknown] or [[]]
-            depth = max([1, *map(len, grams)])
-            oov_ngrams = np.full((len(grams), depth), self.bucket, dtype=np.int64)  # zero row
-            for i, gram_rows in enumerate(grams):
-                oov_ngrams[i, : len(gram_rows)] = gram_rows
-            batch["oov_ngrams"] = oov_ngrams
-            batch["oov_counts"] = np.array([len(g) for g in grams], dtype=np.int64)
+        if self.oov == "subword":  # one row per distinct unknown word of the batch (>= 1 row)
+            vectors = [self.oov_vector(word) for word in unknown]
+            batch["oov_vectors"] = np.stack(vectors).astype(np.float32) if vectors else np.zeros(
+                (1, self.ngrams.shape[1]), dtype=np.float32)
         return batch
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "words": self.words, "oov": self.oov, "lowercase": self.lowercase,
-            "min_n": self.min_n, "max_n": self.max_n, "bucket": self.bucket,
-        }
+        """Everything but the n-gram matrix (stored beside it as an array)."""
+        return {"words": self.words, "oov": self.oov, "lowercase": self.lowercase,
+                "min_n": self.min_n, "max_n": self.max_n}

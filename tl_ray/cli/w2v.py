@@ -32,6 +32,7 @@ def train_command(
     epochs: int = typer.Option(5, help="Passes over the corpus."),
     workers: int = typer.Option(1, help="Training threads, and the CPUs the Ray task holds."),
     seed: int = typer.Option(0, help="Random seed."),
+    skip_gram: bool = typer.Option(False, "--skip-gram", help="Skip-gram instead of CBOW."),
     bucket: int = typer.Option(2_000_000, help="fasttext only: n-gram rows (memory: bucket x size)."),
     encoding: str = ENCODING,
     lowercase: bool = LOWERCASE,
@@ -44,7 +45,7 @@ def train_command(
         train_model, cpus=workers, address=address, corpus=str(corpus.expanduser().resolve()),
         out=str(out.expanduser().resolve()), arch=arch, vector_size=vector_size, window=window,
         min_count=min_count, epochs=epochs, workers=workers, seed=seed, encoding=encoding,
-        lowercase=lowercase, bucket=bucket,
+        lowercase=lowercase, bucket=bucket, skip_gram=skip_gram,
     ))
 
 
