@@ -194,3 +194,20 @@ def test_tl_ray_and_the_torch_paths_do_not_import_tensorflow():
             "get_backbone(KerasImageConfig(unfreeze_depth=3)).check(); "
             "assert 'tensorflow' not in sys.modules, 'tensorflow loaded'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_shipped_search_space_validates_against_a_keras_config():
+    from tl_ray.search.space import load_space, validate_against
+
+    space = load_space(Path(__file__).resolve().parents[2] / "search_spaces" / "keras-image.yaml")
+    base = parse_config({"data": {"path": "imgs"}, "train": {"epochs": 3},
+                         "backbone": {"kind": "keras-image", "alpha": 0.35, "image_size": 32}})
+    validate_against(space, base, max_depth=get_backbone(base.backbone).num_layers())
+    vgg = parse_config({"data": {"path": "imgs"}, "train": {"epochs": 3},
+                        "backbone": {"kind": "keras-image", "architecture": "VGG16"}})
+    with pytest.raises(ConfigError, match="high=52 exceeds the backbone's 13 layers"):
+        validate_against(space, vgg, max_depth=get_backbone(vgg.backbone).num_layers())
+    short = parse_config({"data": {"path": "imgs"}, "train": {"epochs": 1},
+                          "backbone": {"kind": "keras-image"}})
+    with pytest.raises(ConfigError, match="head_epochs"):
+        validate_against(space, short, max_depth=52)

@@ -22,6 +22,10 @@ from image_helpers import digits, png_bytes, write_image_folder
 from tl_ray.cli.app import main
 from tl_ray.train.checkpoint import read_manifest
 
+# TensorFlow starts in the driver, two workers and a Serve replica: about 6 min on 2 shared,
+# busy cores (measured under contention), so `make test-fast` skips it.
+pytestmark = pytest.mark.slow
+
 
 def _cli(*argv: str) -> tuple[int, list[dict]]:
     out = io.StringIO()
