@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--vector-size", type=int, default=300)
-    parser.add_argument("--w2v-epochs", type=int, default=10)
+    parser.add_argument("--w2v-epochs", type=int, default=20)
     parser.add_argument("--figures", nargs="*", default=list(FIGURES), choices=list(FIGURES))
     args = parser.parse_args()
 
