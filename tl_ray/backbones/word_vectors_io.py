@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,6 +199,7 @@ def load_vectors(path: str | Path, max_vocab: int | None = None) -> Vectors:
 
 
 def _load(path: Path, max_vocab: int | None, keep_gensim: bool) -> Any:
+    logging.getLogger("gensim").setLevel(logging.WARNING)  # not one INFO line per load
     if not path.is_file():
         raise BackboneError(f"backbone.vectors: file not found: {path}")
     if path.stat().st_size == 0:
