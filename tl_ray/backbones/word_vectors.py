@@ -34,6 +34,11 @@ NGRAMS_FILE = "ngrams.safetensors"  # fastText n-gram vectors, for oov: subword
 class WordVectorsBackbone(Backbone):
     """`backbone: {kind: word-vectors, vectors: PATH, unfreeze_depth: 0|1, encoder, oov, init}`."""
 
+    @property
+    def path(self) -> str:
+        """The vectors file (recorded as the manifest's `base_path`)."""
+        return self.cfg.vectors
+
     def num_layers(self) -> int:
         return 1  # the embedding is the one pretrained layer
 
