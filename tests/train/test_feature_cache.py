@@ -124,3 +124,42 @@ def test_cached_and_uncached_training_follow_the_same_losses(ray_session, tiny_b
             assert cached[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-5), (key, cached, plain)
     assert len(list((tmp_path / "True" / "cache").glob("*/meta.json"))) == 1
     assert not (tmp_path / "False" / "cache").exists()
+
+
+@pytest.fixture
+def word_vectors(tmp_path) -> Path:
+    from gensim.models import KeyedVectors
+
+    words = sorted({w for text in TEXTS for w in text.replace(",", " ").split()} - {"brilliant"})
+    vectors = KeyedVectors(vector_size=8)
+    vectors.add_vectors(words, np.random.default_rng(0).normal(size=(len(words), 8)).astype(np.float32))
+    path = tmp_path / "tiny.vec"
+    vectors.save_word2vec_format(str(path))
+    return path
+
+
+@pytest.mark.parametrize("encoder", ["cnn", "bilstm"])
+def test_word_vectors_cache_the_frozen_embedded_sequences(word_vectors, sentiment_csv, tmp_path, encoder):
+    raw = {
+        "data": {"path": str(sentiment_csv)},
+        "backbone": {"kind": "word-vectors", "vectors": str(word_vectors), "unfreeze_depth": 0,
+                     "oov": "zero", "encoder": encoder, "cnn_maps": 4, "lstm_hidden": 4},
+        "train": {"max_length": 16},
+        "output": str(tmp_path),
+    }  # fmt: skip
+    cfg = parse_config(raw)
+    datasets = load_datasets(cfg.data, seed=0)
+    plan = plan_cache(cfg, datasets, tmp_path / "cache")
+    assert plan.boundary == "embedded"
+    folder = build_cache(plan, cfg.model_dump(), _tables(TEXTS), num_labels=2)
+    backbone = get_backbone(cfg.backbone)
+    torch.manual_seed(0)
+    model = backbone.build(2).eval()
+    rows = np.array([2, 3, 1])  # "brilliant" is unknown: the zero vector, fixed
+    with torch.no_grad():
+        expected = model(**backbone.preprocess([TEXTS[i] for i in rows], 16))
+        cached = model(**FeatureCache(folder).batch("train", rows))
+    torch.testing.assert_close(cached, expected, atol=1e-5, rtol=1e-4)
+    for change in ({"unfreeze_depth": 1}, {"oov": "learned"}):  # the embedding output trains
+        other = parse_config({**raw, "backbone": {**raw["backbone"], **change}})
+        assert plan_cache(other, datasets, tmp_path) is None

@@ -122,6 +122,25 @@ class WordVectorsBackbone(Backbone):
         for name, param in model.named_parameters():
             param.requires_grad = depth >= 1 or self.layer_of(name) == 0
 
+    # -- the frozen embedding, computed once and cached (tl_ray.train.feature_cache) ------
+    def prefix_cache(self) -> str | None:
+        """`embedded` with a frozen embedding and a fixed unknown-word vector, else None."""
+        if self.depth != 0 or self.vocab.oov == "learned":  # a learned unk vector trains
+            return None
+        return "embedded"
+
+    def fingerprint(self) -> dict[str, str]:
+        """The vectors file's identity (path, size, mtime) and the vocabulary settings."""
+        stat = Path(self.cfg.vectors).expanduser().stat()
+        settings = {"max_vocab": self.cfg.max_vocab, "oov": self.vocab.oov, "init": self.cfg.init}
+        return {"vectors": f"{self.cfg.vectors}:{stat.st_size}:{stat.st_mtime_ns}",
+                "settings": json.dumps(settings, sort_keys=True)}  # fmt: skip
+
+    def frozen_features(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            embedded = model.embed(inputs["input_ids"], inputs.get("oov_vectors"))
+        return {"embedded": embedded, "attention_mask": (inputs["input_ids"] != 0).long()}
+
     # -- data and persistence -------------------------------------------------------------
     def preprocess(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(v) for k, v in self.vocab.encode(list(texts), max_length).items()}
@@ -207,11 +226,21 @@ class WordVectorsClassifier(nn.Module):
             x = torch.where(batch_oov.unsqueeze(-1), oov_vectors.to(x.dtype)[local], x)
         return x
 
-    def forward(self, input_ids: torch.Tensor, oov_vectors: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.embed(input_ids, oov_vectors)
-        lengths = (input_ids != 0).sum(1)
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        oov_vectors: torch.Tensor | None = None,
+        embedded: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Scores from token ids, or from cached `embedded` vectors with their `attention_mask`."""
+        if embedded is None:
+            x, present = self.embed(input_ids, oov_vectors), input_ids != 0
+        else:
+            x, present = embedded, attention_mask.bool()
+        lengths = present.sum(1)
         if self.encoder_kind == "mean":
-            mask = (input_ids != 0).unsqueeze(-1).to(x.dtype)
+            mask = present.unsqueeze(-1).to(x.dtype)
             pooled = (x * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         elif self.encoder_kind == "cnn":
             pooled = self._cnn(x, lengths)
