@@ -17,6 +17,10 @@ No ImageNet weights can be fetched here, so the source task ships with scikit-le
 Prints one JSON line per figure (source accuracy, each arm and seed, the summary):
 
     .venv/bin/python benchmarks/digits_transfer.py --seeds 3 --per-class 10 --epochs 30
+
+The default learning rates were chosen on seed 0's *validation* accuracy (never the test
+set): transfer head 1e-2 + fine-tune 1e-4 (val 0.40), head 1e-3 + fine-tune 3e-4 (0.58),
+head 1e-3 + fine-tune 1e-3 (0.70, kept); scratch 1e-3 (0.40), 3e-3 (0.42, kept).
 """
 
 from __future__ import annotations
@@ -146,10 +150,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--source-epochs", type=int, default=20)
     parser.add_argument("--depth", type=int, default=52, help="transfer arm: unfreeze depth")
-    parser.add_argument("--head-epochs", type=int, default=10)
-    parser.add_argument("--head-lr", type=float, default=1e-2)
-    parser.add_argument("--finetune-lr", type=float, default=1e-4)
-    parser.add_argument("--scratch-lr", type=float, default=1e-3)
+    parser.add_argument("--head-epochs", type=int, default=5)
+    parser.add_argument("--head-lr", type=float, default=1e-3)
+    parser.add_argument("--finetune-lr", type=float, default=1e-3)
+    parser.add_argument("--scratch-lr", type=float, default=3e-3)
     parser.add_argument("--work", type=Path, default=None, help="keep files here (default: temp)")
     parser.add_argument("--arms", default="transfer,scratch", help="which arms to run")
     parser.add_argument("--source-weights", type=Path, default=None,
