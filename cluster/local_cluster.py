@@ -33,6 +33,7 @@ import uuid
 from pathlib import Path
 
 MARKER = "TLRAY_LOCAL_CLUSTER_ID"
+NODE_MARKER = "TLRAY_LOCAL_NODE"
 STATE_FILE = "state.json"
 HEAD_PORTS = ("gcs", "dashboard", "client")
 NODE_PORTS = ("node_manager", "object_manager", "agent_http", "agent_grpc", "runtime_env", "metrics")
@@ -76,9 +77,9 @@ def _environ(pid: int) -> bytes:
         return b""
 
 
-def cluster_pids(cluster_id: str, recorded: list[int] = ()) -> list[int]:
-    """PIDs of this user's live processes that carry this cluster's marker."""
-    needle = f"{MARKER}={cluster_id}".encode()
+def cluster_pids(cluster_id: str, recorded: list[int] = (), node: str | None = None) -> list[int]:
+    """PIDs of this user's live processes that carry this cluster's marker (and node name)."""
+    needles = [f"{MARKER}={cluster_id}".encode()] + ([f"{NODE_MARKER}={node}".encode()] if node else [])
     me, pids = os.getuid(), set()
     candidates = [int(p) for p in os.listdir("/proc") if p.isdigit()] + list(recorded)
     for pid in candidates:
@@ -87,7 +88,8 @@ def cluster_pids(cluster_id: str, recorded: list[int] = ()) -> list[int]:
                 continue
         except OSError:
             continue
-        if needle in _environ(pid).split(b"\0"):
+        environ = _environ(pid).split(b"\0")
+        if all(needle in environ for needle in needles):
             pids.add(pid)
     return sorted(pids)
 
@@ -103,11 +105,15 @@ def _write_state(directory: Path, state: dict) -> None:
     os.replace(tmp, directory / STATE_FILE)
 
 
-def _ray_start(args: list[str], env: dict[str, str], log: Path) -> None:
-    with log.open("a", encoding="utf-8") as out:
-        done = subprocess.run([_ray_exe(), "start", *args], env=env, stdout=out, stderr=out)
-    if done.returncode != 0:
-        _die(f"`ray start {' '.join(args[:2])}` failed (exit {done.returncode}); see {log}")
+def _ray_start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    out = log.open("a", encoding="utf-8")
+    return subprocess.Popen([_ray_exe(), "start", *args], env=env, stdout=out, stderr=out)
+
+
+def _wait(started: list[tuple[str, subprocess.Popen]], log: Path) -> None:
+    for name, process in started:
+        if process.wait() != 0:
+            _die(f"`ray start` of node {name} failed (exit {process.returncode}); see {log}")
 
 
 def _node_args(name: str, cpus: float, gpus: int, directory: Path, ports: dict[str, int]) -> list[str]:
@@ -142,6 +148,9 @@ def up(opts: argparse.Namespace) -> None:
     if not token_path.is_file():
         token_path.write_text(secrets.token_hex(32), encoding="utf-8")
     token_path.chmod(0o600)
+    names = ["head"] + [f"w{i}" for i in range(1, opts.workers + 1)]
+    flat = _free_ports(len(HEAD_PORTS) + len(NODE_PORTS) * len(names))
+    head_ports = dict(zip(HEAD_PORTS, flat[: len(HEAD_PORTS)]))
     cluster_id = uuid.uuid4().hex
     # Nothing of another Ray may leak in: its address, API server or token.
     inherited = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
@@ -153,12 +162,12 @@ def up(opts: argparse.Namespace) -> None:
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(token_path),
             "RAY_USAGE_STATS_ENABLED": "0",
+            # State API calls (Ray Train's placement-group cleaner uses them) must reach this
+            # cluster's dashboard, not guess among the Ray instances running on this machine.
+            "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{head_ports['dashboard']}",
             "PATH": ray_bin + os.pathsep + env.get("PATH", ""),  # job entrypoints find `python`
         }
     )
-    names = ["head"] + [f"w{i}" for i in range(1, opts.workers + 1)]
-    flat = _free_ports(len(HEAD_PORTS) + len(NODE_PORTS) * len(names))
-    head_ports = dict(zip(HEAD_PORTS, flat[: len(HEAD_PORTS)]))
     state = {
         "cluster_id": cluster_id,
         "dir": str(directory),
@@ -172,6 +181,7 @@ def up(opts: argparse.Namespace) -> None:
     }
     _write_state(directory, state)  # so `down` can clean up even if a later start fails
     log = directory / "ray-start.log"
+    started = []
     for index, name in enumerate(names):
         offset = len(HEAD_PORTS) + index * len(NODE_PORTS)
         ports = dict(zip(NODE_PORTS, flat[offset : offset + len(NODE_PORTS)]))
@@ -190,15 +200,18 @@ def up(opts: argparse.Namespace) -> None:
             ] + args
         else:
             args = [f"--address={state['gcs_address']}"] + args
-        before = set(cluster_pids(cluster_id))
-        _ray_start(args, env, log)
-        time.sleep(0.5)
-        pids = sorted(set(cluster_pids(cluster_id)) - before)
         state["nodes"].append(
-            {"name": name, "cpus": cpus, "gpus": gpus, "resource": f"tl_node_{name}",
-             "ports": ports, "pids": pids, "raylet_pid": _raylet(pids)}  # fmt: skip
+            {"name": name, "cpus": cpus, "gpus": gpus, "resource": f"tl_node_{name}", "ports": ports}
         )
-        _write_state(directory, state)
+        started.append((name, _ray_start(args, {**env, NODE_MARKER: name}, log)))
+        if head:  # workers join the head's GCS, so it goes first; the workers start together
+            _wait(started, log)
+    _wait(started[1:], log)
+    time.sleep(0.5)
+    for node in state["nodes"]:
+        node["pids"] = cluster_pids(cluster_id, node=node["name"])
+        node["raylet_pid"] = _raylet(node["pids"])
+    _write_state(directory, state)
     (directory / "env.sh").write_text(_env_lines(state), encoding="utf-8")
     print(f"local Ray cluster up: head + {opts.workers} workers ({directory})")
     print(_summary(state))

@@ -217,6 +217,8 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     output: str = "runs/latest"
+    # Ray Train/Tune checkpoint storage: a path every node sees (NFS) or an s3:// / gs:// URI.
+    storage_path: str | None = None  # default: output
 
     @model_validator(mode="before")
     @classmethod

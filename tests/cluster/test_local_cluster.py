@@ -65,7 +65,7 @@ def cluster():
 
 def client_env(cluster, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_ADDRESS=cluster["dashboard"], RAY_AUTH_TOKEN_PATH=cluster["token_path"], **extra)
+    env.update({"RAY_ADDRESS": cluster["dashboard"], "RAY_AUTH_TOKEN_PATH": cluster["token_path"], **extra})
     return env
 
 
@@ -83,14 +83,26 @@ def tl_ray(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 240
     return done, [line for line in lines if isinstance(line, dict)]
 
 
-def write_run(folder: Path, tiny_bert: str, csv: Path, output: Path, **train) -> Path:
+def follow(cluster, job: str, cwd: Path, timeout: float = 480) -> dict:
+    """`tl-ray jobs logs JOB --follow`; on a time-out, fail with the tail of the job's log."""
+    env = client_env(cluster)
+    try:
+        done, lines = tl_ray(["jobs", "logs", job, "--follow"], env, cwd, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        logs, _ = tl_ray(["jobs", "logs", job], env, cwd)
+        pytest.fail(f"job {job} still running after {timeout:.0f} s; log tail:\n{logs.stdout[-4000:]}")
+    assert lines and "status" in lines[-1], done.stdout[-3000:] + done.stderr[-2000:]
+    return {**lines[-1], "returncode": done.returncode, "log": done.stdout}
+
+
+def write_run(folder: Path, tiny_bert: str, csv: Path, output: Path, storage: str | None = None, **train) -> Path:
     options = {"epochs": 1, "batch_size": 16, "max_length": 32, "num_workers": 1, **train}
     (folder / "run.yaml").write_text(
         f"data: {{path: {csv}, validation_split: 0.25}}\n"
         f"backbone: {{kind: hf-text, name_or_path: {tiny_bert}, pooling: mean}}\n"
         f"train: {json.dumps(options)}\n"
         "search: {trials: 2, sampler: random, seed: 1, early_stopping: false, max_concurrent_trials: 2}\n"
-        f"output: {output}\n",
+        f"output: {output}\n" + (f"storage_path: {storage}\n" if storage else ""),
         encoding="utf-8",
     )
     return folder / "run.yaml"
@@ -104,11 +116,12 @@ def test_submitted_search_runs_trials_on_several_nodes(cluster, tiny_bert, senti
     (job_dir / "space.yaml").write_text(SPACE, encoding="utf-8")
 
     done, lines = tl_ray(
-        ["submit", "--env", "HF_HUB_OFFLINE=1", "--follow", "--", "tune", "run.yaml", "--space", "space.yaml"],
+        ["submit", "--env", "HF_HUB_OFFLINE=1", "--", "tune", "run.yaml", "--space", "space.yaml"],
         client_env(cluster), cwd=job_dir,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert lines[0]["submission_id"] and lines[-1]["status"] == "SUCCEEDED"
+    assert done.returncode == 0 and lines[0]["submission_id"].startswith("raysubmit_"), done.stderr
+    final = follow(cluster, lines[0]["submission_id"], tmp_path)
+    assert final["status"] == "SUCCEEDED" and final["returncode"] == 0, final["log"][-4000:]
     for name in ("search.json", "study.db", "trials.parquet", "best.json", "model"):
         assert (output / name).exists(), name
     best = json.loads((output / "best.json").read_text())
@@ -147,39 +160,71 @@ def test_unknown_job_and_failed_job_exit_codes(cluster, tmp_path):
     assert "config file not found: /nonexistent.yaml" in done.stderr  # the job's own log
 
 
-def _first_checkpoint(output: Path) -> Path | None:
-    found = sorted(output.glob("train_*/checkpoint_*/manifest.json"))
-    return found[0] if found else None
+PROBE = """
+import sys
+from tl_ray.errors import ConfigError
+from tl_ray.storage import check_reachable
+from tl_ray.train.driver import ensure_ray
+ensure_ray()
+check_reachable(sys.argv[1])  # one machine: every node sees the marker
+try:
+    check_reachable(sys.argv[1], marker_name="written-by-nobody")  # as a node-local disk would look
+except ConfigError as error:
+    print(error)
+"""
+
+
+def test_storage_check_probes_every_node(cluster, tmp_path):
+    env = client_env(cluster, RAY_ADDRESS=cluster["gcs_address"], RAY_AUTH_MODE="token", HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / "shared")], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    message = done.stdout.strip().splitlines()[-1]
+    assert message.startswith(f"storage_path {tmp_path / 'shared'} is not shared: node ")
+    assert "and 1 more" in message and "NFS" in message and "s3://" in message
+    assert list((tmp_path / "shared").iterdir()) == []  # the probe marker is cleaned up
+
+
+def _first_checkpoint(storage: Path) -> Path | None:
+    """The newest checkpoint once Ray Train has registered one (its snapshot file is written
+    after registration; a folder alone may still be in flight and would not be resumed from)."""
+    if not any(storage.glob("train_*/checkpoint_manager_snapshot.json")):
+        return None
+    found = sorted(storage.glob("train_*/checkpoint_*/manifest.json"))
+    return found[-1] if found else None
 
 
 def test_worker_node_loss_during_training(cluster, tiny_bert, sentiment_csv, tmp_path):
     """Kill the node a submitted training run is on: Ray Train restarts the worker group on
-    the other node from the last checkpoint; checkpoints written before the loss remain."""
-    output = tmp_path / "train"
-    run = write_run(tmp_path, tiny_bert, sentiment_csv, output, epochs=12, max_failures=2, keep_checkpoints=20)
+    the other node from the last checkpoint; checkpoints written before the loss remain.
+    Checkpoints go to a `file://` URI storage_path (pyarrow), the model is copied back."""
+    output, storage = tmp_path / "train", tmp_path / "ckpt"
+    run = write_run(tmp_path, tiny_bert, sentiment_csv, output, f"file://{storage}",
+                    epochs=16, max_failures=2, keep_checkpoints=20)  # fmt: skip
     env = client_env(cluster)
     done, lines = tl_ray(["submit", "--image-only", "--env", "HF_HUB_OFFLINE=1", "--", "train", str(run)], env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     job = lines[0]["submission_id"]
-    deadline = time.monotonic() + 150
-    while (manifest := _first_checkpoint(output)) is None and time.monotonic() < deadline:
+    deadline = time.monotonic() + 300
+    while (manifest := _first_checkpoint(storage)) is None and time.monotonic() < deadline:
         time.sleep(0.3)
-    assert manifest is not None, "no checkpoint within 150 s"
+    assert manifest is not None, "no checkpoint within 300 s"
     node = cluster["node_names"][json.loads(manifest.read_text())["metrics"]["node_id"]]
     assert node in ("w1", "w2")
     _local(["stop-node", node], cluster["state_dir"])
-    before = {p.parent.name for p in output.glob("train_*/checkpoint_*/manifest.json")}
+    before = {p.parent.name for p in storage.glob("train_*/checkpoint_*/manifest.json")}
 
-    done, lines = tl_ray(["jobs", "logs", job, "--follow"], env, cwd=tmp_path, timeout=240)
-    after = {p.parent.name for p in output.glob("train_*/checkpoint_*/manifest.json")}
+    final = follow(cluster, job, tmp_path)
+    after = {p.parent.name for p in storage.glob("train_*/checkpoint_*/manifest.json")}
     assert before <= after, "a checkpoint written before the node loss disappeared"
-    final = lines[-1]
     if final["status"] == "SUCCEEDED":  # recovered: later epochs resumed on the other node
         killed = next(i for i, name in cluster["node_names"].items() if name == node)
-        metrics = [json.loads(p.read_text())["metrics"] for p in output.glob("train_*/checkpoint_*/manifest.json")]
+        metrics = [json.loads(p.read_text())["metrics"] for p in storage.glob("train_*/checkpoint_*/manifest.json")]
         resumed = [m for m in metrics if m["resumed_from_epoch"] > 0]
-        assert resumed and all(m["node_id"] != killed for m in resumed)
-        assert max(m["epoch"] for m in metrics) == 12 and (output / "model" / "manifest.json").is_file()
+        epochs = sorted((m["epoch"], m["resumed_from_epoch"], m["node_id"][:8]) for m in metrics)
+        assert resumed, f"the run never resumed after {node} was killed: {epochs}"
+        assert all(m["node_id"] != killed for m in resumed)
+        assert max(m["epoch"] for m in metrics) == 16 and (output / "model" / "manifest.json").is_file()
     else:  # a failure must say why in one place: the job's message
         assert final["status"] == "FAILED" and final["message"]
     print(f"node loss: {node} killed after {manifest}; job {final['status']}")

@@ -57,7 +57,8 @@ def submit(
 
     if image_only and pip:
         raise ConfigError("--image-only ships nothing; drop --pip or --image-only")
-    logging.getLogger("ray").setLevel(logging.WARNING)  # packaging chatter; errors still show
+    for name in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # packaging chatter; errors still show
     client = JobsClient(address)
     options = SubmitOptions(
         working_dir=None if image_only else str(working_dir),

@@ -33,8 +33,10 @@ from tl_ray.data import Datasets, load_datasets
 from tl_ray.errors import ConfigError, TLRayError
 from tl_ray.io import write_json_atomic
 from tl_ray.search.progress import SearchProgress
-from tl_ray.search.results import export_results
+from tl_ray.search.results import BEST_FILE, export_results
 from tl_ray.search.space import SearchSpace, flatten, parse_space, to_overrides, validate_against
+from tl_ray.storage import check_reachable, fetch_checkpoint, is_uri, storage_location
+from tl_ray.train.checkpoint import export_model_folder
 from tl_ray.train.driver import build_trainer, ensure_ray
 
 __all__ = ["SEARCH_FILE", "STUDY_NAME", "max_concurrent_trials", "resume_search", "run_search"]
@@ -88,7 +90,9 @@ def max_concurrent_trials(cfg: RunConfig, resources: dict[str, float]) -> int:
     return max(1, min(slots, cfg.search.trials))
 
 
-def _trial(params: dict[str, Any], *, base: dict[str, Any], datasets: Datasets, trials_dir: str) -> None:
+def _trial(
+    params: dict[str, Any], *, base: dict[str, Any], datasets: Datasets, trials_dir: str, cache_dir: str
+) -> None:
     """One Tune trial: apply the sampled overrides and run Ray Train, reporting to Tune."""
     sampled = {k: v for k, v in params.items() if k != TRIAL_KEY}
     cfg = parse_config(apply_overrides(base, to_overrides(sampled)))
@@ -98,7 +102,7 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], datasets: Datasets, 
         storage_path=trials_dir,
         name=tune.get_context().get_trial_id(),
         callbacks=[TuneReportCallback()],
-        cache_dir=Path(trials_dir).parent / "cache",  # shared by trials with the same boundary
+        cache_dir=Path(cache_dir),  # shared by trials with the same boundary
     )
     trainer.fit()
 
@@ -211,8 +215,25 @@ def _launch(cfg: RunConfig, space: SearchSpace, folder: Path, *, address, echo) 
     if remaining > 0:
         datasets = load_datasets(cfg.data, seed=cfg.train.seed)
         ensure_ray(address)
+        check_reachable(_trials_location(cfg, folder))  # every node writes checkpoints there
         _run_tuner(cfg, space, folder, storage, remaining, datasets, echo)
-    return export_results(folder, study, space.metric, space.mode, max_epochs=cfg.train.epochs)
+    best = export_results(folder, study, space.metric, space.mode, max_epochs=cfg.train.epochs)
+    return _fetch_best_model(cfg, folder, best)
+
+
+def _trials_location(cfg: RunConfig, folder: Path) -> str:
+    """Where the trials' Train runs keep checkpoints: STORAGE/trials (storage_path, else the folder)."""
+    return storage_location(cfg.storage_path, folder).rstrip("/") + "/trials"
+
+
+def _fetch_best_model(cfg: RunConfig, folder: Path, best: dict[str, Any]) -> dict[str, Any]:
+    """With a URI storage_path the best checkpoint is remote: copy it into FOLDER/model."""
+    if best.get("model") or not best.get("checkpoint") or not is_uri(cfg.storage_path or ""):
+        return best
+    local = fetch_checkpoint(best["checkpoint"], cfg.storage_path)
+    best = {**best, "model": str(export_model_folder(local, folder / "model"))}
+    write_json_atomic(folder / BEST_FILE, best)
+    return best
 
 
 def _run_tuner(cfg, space, folder, storage, remaining, datasets, echo) -> None:
@@ -238,7 +259,11 @@ def _run_tuner(cfg, space, folder, storage, remaining, datasets, echo) -> None:
     )
     echo(f"searching {remaining} trials, {concurrency} at a time, sampler {options.sampler}")
     trainable = tune.with_parameters(
-        _trial, base=cfg.model_dump(), datasets=datasets, trials_dir=str(folder / "trials")
+        _trial,
+        base=cfg.model_dump(),
+        datasets=datasets,
+        trials_dir=_trials_location(cfg, folder),  # may be a URI (storage_path)
+        cache_dir=str(folder / "cache"),
     )
     tuner = tune.Tuner(
         tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES),

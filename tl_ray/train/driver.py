@@ -25,6 +25,7 @@ from tl_ray.backbones.registry import get_backbone
 from tl_ray.config import RunConfig
 from tl_ray.data import Datasets, load_datasets
 from tl_ray.errors import ConfigError, TLRayError
+from tl_ray.storage import check_reachable, fetch_checkpoint, storage_location
 from tl_ray.train.checkpoint import export_model_folder
 from tl_ray.train.feature_cache import ensure_cache, plan_cache
 from tl_ray.train.loop import train_loop_per_worker
@@ -196,11 +197,13 @@ def train(
     ensure_ray(address)
     output = Path(cfg.output).expanduser().resolve()
     output.mkdir(parents=True, exist_ok=True)
+    storage = storage_location(cfg.storage_path, output)  # checkpoints: storage_path or output
+    check_reachable(storage)  # on a multi-node cluster every node must see a plain path
     # A fresh run name per call: Ray Train resumes a run whose name already has checkpoints.
     trainer = build_trainer(
         cfg,
         datasets,
-        storage_path=str(output),
+        storage_path=storage,
         name=time.strftime("train_%Y-%m-%d_%H-%M-%S"),
         callbacks=[_EpochPrinter(on_epoch)] if on_epoch else None,
         cache_dir=output / "cache",
@@ -215,7 +218,7 @@ def train(
     best = result.get_best_checkpoint(cfg.train.metric, cfg.train.metric_mode) or result.checkpoint
     if best is None:
         raise TLRayError("training reported no checkpoint; see the worker logs above")
-    model_dir = export_model_folder(best.path, output / "model")
+    model_dir = export_model_folder(fetch_checkpoint(best.path, storage), output / "model")
     from tl_ray.train.checkpoint import read_manifest
 
     return TrainOutcome(model_dir, best.path, read_manifest(model_dir)["metrics"], result.metrics or {})
