@@ -126,3 +126,16 @@ def test_serve_answers_base64_and_multipart_images(trained):
             assert refused.status_code == 422 and message in refused.json()["detail"], refused.text
     finally:
         serve.shutdown()
+
+
+def test_evaluate_cli_scores_an_image_folder(trained):
+    from tl_ray.images import read_image_folder
+    from tl_ray.serve.predictor import Predictor
+
+    folder = trained["root"] / "digits"
+    code, (line,) = _cli("evaluate", trained["result"]["model"], "--data", str(folder))
+    assert code == 0 and line["count"] == 60
+    table = read_image_folder(folder)
+    answers = Predictor(trained["result"]["model"]).predict(table["image"].to_pylist())
+    right = sum(a["label"] == label for a, label in zip(answers, table["label"].to_pylist()))
+    assert line["accuracy"] == pytest.approx(right / 60)

@@ -25,6 +25,7 @@ import os
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import logging  # noqa: E402
 from functools import lru_cache  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
@@ -135,7 +136,13 @@ class KerasImageBackbone(Backbone):
         if cfg.alpha != 1.0 and cfg.architecture != "MobileNetV2":
             raise BackboneError(f"backbone.alpha applies to MobileNetV2 only, got alpha={cfg.alpha} "
                                 f"for {cfg.architecture}")
-        self.depth  # noqa: B018  (validates depth against the layer count)
+        depth = self.depth
+        if cfg.weights is None and depth < self.num_layers():
+            logging.getLogger("tl_ray.backbones").warning(
+                "keras-image with weights: null and unfreeze_depth %d < %d: the frozen, "
+                "randomly initialised bottom gives near-zero features; from scratch, train "
+                "every layer (unfreeze_depth: %d, head_epochs: 0)",
+                depth, self.num_layers(), self.num_layers())
         weights = cfg.weights
         if weights not in (None, "imagenet"):
             path = Path(weights)
