@@ -81,6 +81,10 @@ def read_trials(folder: str | Path) -> pa.Table:
     return pq.read_table(path)
 
 
+def _on_disk(path: str | None) -> bool:
+    return bool(path) and Path(path).is_dir()
+
+
 def export_results(folder: Path, study, metric: str, mode: str, *, max_epochs: int) -> dict[str, Any]:
     """Write trials.parquet and best.json, export the best model; return best.json's content."""
     statuses = _status(study)
@@ -99,7 +103,8 @@ def export_results(folder: Path, study, metric: str, mode: str, *, max_epochs: i
     if not scored:
         raise TLRayError(f"no trial in {folder} reported {metric}; see the trial errors above")
     sign = 1 if mode == "max" else -1
-    best = max(scored, key=lambda r: sign * r[metric])
+    # Ties go to a row whose checkpoint still exists (Ray keeps only the best N), then the later epoch.
+    best = max(scored, key=lambda r: (sign * r[metric], _on_disk(r["checkpoint_path"]), r["epoch"]))
     summary = {
         "trial": best["trial"],
         "epoch": best["epoch"],
