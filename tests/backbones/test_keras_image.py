@@ -211,3 +211,24 @@ def test_shipped_search_space_validates_against_a_keras_config():
                           "backbone": {"kind": "keras-image"}})
     with pytest.raises(ConfigError, match="head_epochs"):
         validate_against(space, short, max_depth=52)
+
+
+def test_head_phase_trains_on_cached_pooled_features_with_the_same_logits(model):
+    backbone = _backbone(head_dropout=0.0)
+    backbone.set_phase(model, "head")
+    assert backbone.head_cacheable(model)
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    features = backbone.pooled_features(model, pixels, batch_size=4)  # two batches
+    head = backbone.head_model(model)
+    assert features.shape == (6, model.get_layer("pool").output_shape[-1])
+    np.testing.assert_allclose(
+        np.asarray(head(features, training=False)),
+        backbone.scores(model, backbone.preprocess_pixels(pixels)),
+        rtol=1e-4, atol=1e-5,
+    )
+    assert {w.name for w in head.trainable_weights} <= backbone.trainable_names(model)  # shared head
+
+
+def test_augmentation_turns_the_head_phase_cache_off():
+    backbone = _backbone(augment=True)
+    assert not backbone.head_cacheable(backbone.build(num_labels=2))

@@ -251,6 +251,33 @@ class KerasImageBackbone(Backbone):
     def apply_unfreeze(self, model: Any) -> None:
         self.set_phase(model, "finetune")
 
+    # -- the head phase on cached features (the frozen base's pooled output, computed once) --
+    def head_cacheable(self, model: Any) -> bool:
+        """Whether head-only epochs may train on cached pooled features: no augmentation, and
+        a frozen base that is deterministic (BatchNorm in inference mode, no dropout inside)."""
+        if self.cfg.augment:
+            return False
+        base = self.base_of(model)
+        return not self.bn_trains or not any(
+            isinstance(layer, keras.layers.Dropout) for layer in base.submodules
+        )
+
+    def pooled_features(self, model: Any, pixels: np.ndarray, batch_size: int) -> np.ndarray:
+        """The frozen base's globally pooled output for uint8 pixels, in inference mode."""
+        base, pool = self.base_of(model), model.get_layer("pool")
+        chunks = [
+            np.asarray(pool(base(self.preprocess_pixels(pixels[start : start + batch_size]), training=False)))
+            for start in range(0, len(pixels), batch_size)
+        ]
+        width = int(pool.output_shape[-1])
+        return np.concatenate(chunks) if chunks else np.zeros((0, width), np.float32)
+
+    def head_model(self, model: Any) -> Any:
+        """Dropout + dense over pooled features, sharing `model`'s head layers (and weights)."""
+        features = keras.Input(model.get_layer("pool").output_shape[1:], name="features")
+        x = model.get_layer("dropout")(features)
+        return keras.Model(features, model.get_layer("head")(x), name="head_only")
+
     def phase_of(self, epoch: int) -> str:
         """Epochs 1..head_epochs train the head; the rest fine-tune."""
         return "head" if epoch <= self.cfg.head_epochs else "finetune"

@@ -22,6 +22,7 @@ import os
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # before TensorFlow loads (see keras_image)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import logging  # noqa: E402
 import math  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -39,6 +40,8 @@ from tl_ray.images import read_images  # noqa: E402
 from tl_ray.train.checkpoint import read_manifest, write_model_folder  # noqa: E402
 
 __all__ = ["keras_train_loop_per_worker", "tally_metrics"]
+
+log = logging.getLogger("tl_ray.train")
 
 
 def keras_train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -77,20 +80,31 @@ def keras_train_loop_per_worker(config: dict[str, Any]) -> None:
     plain = keras.models.clone_model(model)  # outside the scope: evaluation and saving need no collectives
 
     # -- loop -------------------------------------------------------------------------------
-    phase = None
+    phase, fit_model, features = None, model, None
     for epoch in range(first_epoch, tcfg.epochs + 1):
+        started = time.perf_counter()
         if backbone.phase_of(epoch) != phase:
             phase = backbone.phase_of(epoch)
             backbone.set_phase(model, phase)
+            fit_model = model
+            if phase == "head" and tcfg.cache and backbone.head_cacheable(model):
+                # The frozen base gives the same output every epoch: compute it once.
+                plain.set_weights(model.get_weights())
+                features = _head_features(backbone, plain, x_train, tcfg)
             with strategy.scope():
-                model.compile(
+                if features is not None and phase == "head":
+                    fit_model = backbone.head_model(model)  # built in scope, like the model
+                fit_model.compile(
                     optimizer=keras.optimizers.Adam(backbone.learning_rate(phase)),
                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                 )
-        started = time.perf_counter()
-        data = _epoch_data(tf, strategy, x_train, y_train, backbone, tcfg.batch_size, tcfg.seed + epoch)
+        if fit_model is model:
+            data = _epoch_data(tf, strategy, x_train, y_train, backbone.preprocess_pixels,
+                               tcfg.batch_size, tcfg.seed + epoch)  # fmt: skip
+        else:
+            data = _epoch_data(tf, strategy, features, y_train, None, tcfg.batch_size, tcfg.seed + epoch)
         steps = math.ceil(len(x_train) / tcfg.batch_size)  # equal on every worker: equal shards
-        history = model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0)
+        history = fit_model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0)
         elapsed = time.perf_counter() - started
 
         plain.set_weights(model.get_weights())  # every worker, same point: a collective read
@@ -100,6 +114,7 @@ def keras_train_loop_per_worker(config: dict[str, Any]) -> None:
             phase=1 if phase == "head" else 2,
             train_loss=float(history.history["loss"][-1]),
             samples_per_s=float(config["train_rows"] / elapsed),
+            epoch_s=time.perf_counter() - started,  # training (with any feature caching) + validation
             lr=backbone.learning_rate(phase),
             resumed_from_epoch=first_epoch - 1,
         )
@@ -122,20 +137,32 @@ def _materialize(shard: Any, size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(pixels), np.concatenate(targets)
 
 
-def _epoch_data(tf, strategy, x: np.ndarray, y: np.ndarray, backbone: Any, batch_size: int, seed: int):
+def _head_features(backbone: Any, plain: Any, x: np.ndarray, tcfg: Any) -> np.ndarray | None:
+    """Pooled base features of this worker's shard, or None when over `train.cache_max_mb`."""
+    width = int(plain.get_layer("pool").output_shape[-1])
+    size_mb = len(x) * width * 4 / 2**20
+    if size_mb > tcfg.cache_max_mb:
+        log.warning("head-phase feature cache not used: %.0f MB > train.cache_max_mb=%g",
+                    size_mb, tcfg.cache_max_mb)  # fmt: skip
+        return None
+    return backbone.pooled_features(plain, x, tcfg.batch_size)
+
+
+def _epoch_data(tf, strategy, x: np.ndarray, y: np.ndarray, preprocess: Any, batch_size: int, seed: int):
     """This worker's shard, reshuffled, in batches of `batch_size`, preprocessed.
 
     Built per replica by `distribute_datasets_from_function`: no auto-sharding (the shard is
-    already this worker's) and no re-batching (the batch size is per worker).
+    already this worker's) and no re-batching (the batch size is per worker). `x` is uint8
+    pixels (with `preprocess`) or cached features (preprocess None).
     """
     dataset = (
         tf.data.Dataset.from_tensor_slices((x, y))
         .shuffle(max(1, len(x)), seed=seed, reshuffle_each_iteration=False)
         .batch(batch_size)
-        .map(lambda images, labels: (backbone.preprocess_pixels(images), labels))
-        .prefetch(2)
     )
-    return strategy.distribute_datasets_from_function(lambda _: dataset)
+    if preprocess is not None:
+        dataset = dataset.map(lambda images, labels: (preprocess(images), labels))
+    return strategy.distribute_datasets_from_function(lambda _: dataset.prefetch(2))
 
 
 def tally_metrics(confusion: np.ndarray, loss_sum: float, prefix: str = "val_") -> dict[str, float]:
