@@ -39,7 +39,7 @@ from tl_ray.errors import ConfigError  # noqa: E402
 from tl_ray.images import read_images  # noqa: E402
 from tl_ray.train.checkpoint import read_manifest, write_model_folder  # noqa: E402
 
-__all__ = ["keras_train_loop_per_worker", "tally_metrics"]
+__all__ = ["keras_train_loop_per_worker"]
 
 log = logging.getLogger("tl_ray.train")
 
@@ -165,41 +165,30 @@ def _epoch_data(tf, strategy, x: np.ndarray, y: np.ndarray, preprocess: Any, bat
     return strategy.distribute_datasets_from_function(lambda _: dataset.prefetch(2))
 
 
-def tally_metrics(confusion: np.ndarray, loss_sum: float, prefix: str = "val_") -> dict[str, float]:
-    """Loss, accuracy, macro-F1 and count from a confusion matrix (rows: truth).
-
-    >>> tally_metrics(np.array([[1, 0], [1, 2]]), 2.0)["val_accuracy"]
-    0.75
-    """
-    confusion = confusion.astype(np.float64)
-    count = float(confusion.sum())
-    true_pos, predicted, actual = np.diag(confusion), confusion.sum(0), confusion.sum(1)
-    present = (predicted + actual) > 0
-    f1 = 2 * true_pos / np.maximum(predicted + actual, 1)
-    return {
-        f"{prefix}loss": loss_sum / max(1.0, count),
-        f"{prefix}accuracy": float(true_pos.sum()) / max(1.0, count),
-        f"{prefix}f1": float(f1[present].mean()) if present.any() else 0.0,
-        f"{prefix}count": int(count),
-    }
-
-
 def _evaluate(tf, strategy, model, backbone, x, y, num_labels, batch_size) -> dict[str, float]:
-    """Exact metrics over the whole validation set: worker r scores batches r, r+W, ..."""
+    """Exact metrics over the whole validation set: worker r scores batches r, r+W, ...
+
+    The same tally as the torch loop's, summed across workers by a strategy all-reduce.
+    """
+    import torch
+
+    from tl_ray.train.metrics import ClassificationTally
+
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    counts = np.zeros(num_labels * num_labels + 1, np.float64)  # confusion, then loss sum
+    tally = ClassificationTally(num_labels)
     for index, start in enumerate(range(0, len(x), batch_size)):
         if index % world != rank:
             continue
         logits = backbone.scores(model, backbone.preprocess_pixels(x[start : start + batch_size]))
-        targets = y[start : start + batch_size]
-        log_probs = logits - np.logaddexp.reduce(logits.astype(np.float64), axis=1, keepdims=True)
-        counts[-1] -= log_probs[np.arange(len(targets)), targets].sum()
-        np.add.at(counts, targets * num_labels + logits.argmax(1), 1)
-    values = strategy.experimental_distribute_values_from_function(lambda _: tf.constant(counts))
-    total = strategy.reduce(tf.distribute.ReduceOp.SUM, values, axis=None).numpy()
-    return tally_metrics(total[:-1].reshape(num_labels, num_labels), float(total[-1]))
+        tally.add(torch.from_numpy(logits), torch.from_numpy(y[start : start + batch_size]))
+
+    def all_reduce(flat: torch.Tensor) -> torch.Tensor:
+        values = strategy.experimental_distribute_values_from_function(lambda _: tf.constant(flat.numpy()))
+        return torch.from_numpy(strategy.reduce(tf.distribute.ReduceOp.SUM, values, axis=None).numpy())
+
+    tally.reduce(all_reduce)
+    return tally.metrics(prefix="val_")
 
 
 def _report(metrics, rank, backbone, model, labels, epoch, cfg) -> None:
