@@ -141,3 +141,38 @@ def test_unknown_kind_lists_valid_kinds():
 
     with pytest.raises(BackboneError, match="valid kinds: hf-text"):
         get_backbone(Fake())
+
+
+@pytest.fixture(scope="module")
+def bert_without_pooler(tmp_path_factory, tiny_bert) -> str:
+    """A checkpoint with no pooler weights (like roberta-base): loading adds a new pooler."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("no-pooler")
+    torch.manual_seed(0)
+    BertModel(BertConfig.from_pretrained(tiny_bert), add_pooling_layer=False).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(folder)
+    return str(folder)
+
+
+def test_weights_missing_from_the_checkpoint_are_the_same_in_every_process(bert_without_pooler):
+    """The cache task and the training workers build the model separately; a pooler the
+    checkpoint lacks must come out the same in each, or cached depth-0 features come from
+    another pooler than the one that trains and ships."""
+    backbone = get_backbone(HFTextConfig(name_or_path=bert_without_pooler, unfreeze_depth=0))
+    torch.manual_seed(123)
+    torch.rand(7)  # a cache task: whatever the RNG did before
+    cache_side = backbone.build(num_labels=2)
+    torch.manual_seed(0)  # a training worker: train.seed, then build
+    worker_side = backbone.build(num_labels=2)
+    pooler = {k: v for k, v in cache_side.state_dict().items() if "pooler" in k}
+    assert pooler, "the encoder should have a (new) pooler"
+    assert all(torch.equal(v, worker_side.state_dict()[k]) for k, v in pooler.items())
+    for model in (cache_side, worker_side):
+        backbone.apply_unfreeze(model)
+        model.eval()
+    inputs = backbone.preprocess(["a fine film", "dull"], 16)
+    assert backbone.prefix_cache() == "pooled"
+    cached = backbone.frozen_features(cache_side, inputs)["pooled"]
+    assert torch.allclose(cached, backbone.frozen_features(worker_side, inputs)["pooled"])
+    assert not torch.allclose(torch.rand(1), torch.rand(1))  # the global RNG still moves

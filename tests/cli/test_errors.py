@@ -80,3 +80,18 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_usage_error_is_not_a_traceback(capsys):
     assert main(["train"]) == 2
     assert "Missing argument" in capsys.readouterr().err
+
+
+def test_serve_refuses_an_experiment_whose_best_model_was_not_kept(tmp_path, capsys):
+    """best.json with "model": null must not serve a stale model/ left by an earlier export."""
+    import json
+
+    experiment = tmp_path / "experiment"
+    (experiment / "model").mkdir(parents=True)
+    (experiment / "model" / "manifest.json").write_text(json.dumps({"format_version": 1}), encoding="utf-8")
+    best = {"trial": 0, "epoch": 1, "metric": "val_loss", "value": 0.5, "checkpoint": None, "model": None}
+    (experiment / "best.json").write_text(json.dumps(best), encoding="utf-8")
+    assert main(["serve", str(experiment), "--export-config", str(tmp_path / "serve.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "names no model" in err[0] and "trial 0 epoch 1" in err[0], err
+    assert not (tmp_path / "serve.yaml").exists()

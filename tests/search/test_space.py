@@ -237,3 +237,21 @@ def test_to_dict_round_trips_in_order():
     again = parse_space(space.to_dict())
     assert again == space
     assert list(space.to_dict()["params"]) == list(space.names)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["data.validation_split", "data.path", "train.num_workers", "train.cpus_per_worker",
+     "train.use_gpu", "train.epochs", "train.metric", "search.trials", "output", "storage_path"],
+)  # fmt: skip
+def test_per_search_settings_cannot_be_searched(name):
+    """Keys read once per search would be ignored (or break the cap) if sampled."""
+    spec = {"type": "categorical", "choices": [1, 2]}
+    with pytest.raises(ConfigError, match=rf"^{name}: cannot be searched: .*; set it in the run config$"):
+        parse_space(space_with(**{name: spec}))
+
+
+def test_per_trial_settings_that_share_a_prefix_can_be_searched():
+    space = parse_space(space_with(**{"train.seed": {"type": "int", "low": 0, "high": 3},
+                                      "train.max_length": {"type": "categorical", "choices": [32, 64]}}))
+    assert space.names == ("train.seed", "train.max_length")

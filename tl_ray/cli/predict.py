@@ -30,6 +30,7 @@ def predict(
     input_: Optional[Path] = typer.Option(None, "--input", help="File with one text per line."),
     encoding: str = typer.Option("utf-8", help="Encoding of --input."),
     image: list[Path] = typer.Option([], "--image", help="An image file (PNG/JPEG) to classify (repeatable)."),
+    device: str = typer.Option("auto", help="auto (a CUDA GPU if there is one), cpu, cuda or cuda:N."),
 ) -> None:
     """Print one JSON line per text or image: label, score and every class probability."""
     from tl_ray.serve.predictor import Predictor
@@ -38,24 +39,24 @@ def predict(
     if image and texts:
         raise DataError("pass texts (--text/--input) or images (--image), not both")
     if image:
-        _predict_images(checkpoint, image)
+        _predict_images(checkpoint, image, device)
         return
     if not texts:
         raise DataError("nothing to predict: pass --text, --input or --image")
-    predictor = Predictor(checkpoint)
+    predictor = Predictor(checkpoint, device=device)
     if predictor.input_kind != "text":
         raise DataError(f"{checkpoint} classifies {predictor.input_kind}s; pass --image FILE")
     for item, prediction in zip(texts, predictor.predict(texts)):
         emit({"text": item, **prediction})
 
 
-def _predict_images(checkpoint: Path, files: list[Path]) -> None:
+def _predict_images(checkpoint: Path, files: list[Path], device: str) -> None:
     from tl_ray.serve.predictor import Predictor
 
     for file in files:
         if not file.is_file():
             raise DataError(f"image file not found: {file}")
-    predictor = Predictor(checkpoint)
+    predictor = Predictor(checkpoint, device=device)
     if predictor.input_kind != "image":
         raise DataError(f"{checkpoint} classifies {predictor.input_kind}; pass --text or --input")
     # paths, not bytes: a file that does not decode is named in the error

@@ -25,11 +25,13 @@ from tl_ray.serve.api import ServeArgs, token_digest
 __all__ = ["resolve_target", "serve_config", "write_serve_config"]
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-# Options the config's `deployments:` section carries (editable there without a rebuild).
+# Options the config's `deployments:` section carries (editable there without a rebuild),
+# left out of the app's `args`. num_cpus and num_gpus are in both: `ray_actor_options` reserves
+# them, and a replica reads its args when Ray does not report what it assigned.
 _DEPLOYMENT_KEYS = {
     "min_replicas", "max_replicas", "target_ongoing_requests", "max_ongoing_requests",
     "upscale_delay_s", "downscale_delay_s", "look_back_period_s", "metrics_interval_s",
-    "num_cpus", "num_gpus", "model", "trial",
+    "model", "trial",
 }  # fmt: skip
 _HEADER = """\
 # tl-ray Serve config: `serve deploy THIS_FILE`, or a KubeRay RayService's serveConfigV2.
@@ -49,11 +51,16 @@ def resolve_target(target: Path) -> tuple[Path, dict[str, Any] | None]:
 
     if (target / BEST_FILE).is_file():
         best = json.loads((target / BEST_FILE).read_text(encoding="utf-8"))
-        model = Path(best["model"]) if best.get("model") else target / "model"
-        if not model.is_dir():
+        if not best.get("model"):  # never fall back to a model/ folder left by an earlier export
+            raise CheckpointError(
+                f"{target / BEST_FILE} names no model: the checkpoint of trial {best.get('trial')} "
+                f"epoch {best.get('epoch')} was not kept; serve a checkpoint folder instead"
+            )
+        model = Path(best["model"])
+        if not model.is_dir():  # the experiment folder was moved or copied: its own model/
             model = target / "model"
         if not (model / MANIFEST_FILE).is_file():
-            raise CheckpointError(f"{target / BEST_FILE} names no exported model folder")
+            raise CheckpointError(f"{target / BEST_FILE} names {model}, which is not a model folder")
         keys = ("trial", "epoch", "metric", "value", "params", "metrics")
         trial = {key: best.get(key) for key in keys}
     elif target.is_dir() and (target / MANIFEST_FILE).is_file():
@@ -172,8 +179,9 @@ def serve(
     downscale_delay_s: float = _opt(60.0),
     max_batch_size: int = _opt(32, help="Most texts per batch."),
     batch_wait_ms: float = _opt(10.0, help="How long a batch may wait to fill."),
-    num_cpus: float = _opt(1.0, help="CPUs per replica."),
-    num_gpus: float = _opt(0.0, help="GPUs per replica."),
+    num_cpus: float = _opt(1.0, help="CPUs per replica (also its torch threads)."),
+    num_gpus: float = _opt(0.0, help="GPUs per replica (with --device auto, the model runs there)."),
+    device: str = _opt("auto", help="auto (cuda when the replica has a GPU), cpu, cuda or cuda:N."),
     max_texts: int = _opt(64, help="Most texts per request."),
     max_text_chars: int = _opt(2000, help="Longest text (characters)."),
     truncate: bool = _opt(False, "--truncate", help="Cut longer texts instead of rejecting them."),
@@ -211,6 +219,7 @@ def serve(
             "batch_wait_ms": batch_wait_ms,
             "num_cpus": num_cpus,
             "num_gpus": num_gpus,
+            "device": device,
             "limits": limits,
             "token_sha256": token_digest(token) if token else None,
         }

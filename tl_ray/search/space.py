@@ -251,6 +251,33 @@ def _parse_param(name: Any, raw: Any) -> ParamSpec:
     return ParamSpec(name, kind, low=low, high=high, log=log, step=step, when=when)
 
 
+# Settings read once per search, not per trial: a sampled value would be ignored or would
+# break what the search computed from it. Each maps to the reason, shown in the error.
+PER_SEARCH = {
+    "data.": "the datasets are loaded and split once per search",
+    "search.": "it configures the search itself",
+    "output": "the search folder is fixed",
+    "storage_path": "checkpoint storage is fixed per search",
+    "train.num_workers": "the trial concurrency cap is computed from it once",
+    "train.cpus_per_worker": "the trial concurrency cap is computed from it once",
+    "train.use_gpu": "the trial concurrency cap is computed from it once",
+    "train.epochs": "early stopping (ASHA max_t) and trial status are computed from it once",
+    "train.metric": "trials keep checkpoints by the space's metric",
+}
+
+
+def _check_searchable(name: Any) -> None:
+    """Refuse a parameter naming a per-search setting (see PER_SEARCH).
+
+    >>> _check_searchable("data.validation_split")
+    Traceback (most recent call last):
+    tl_ray.errors.ConfigError: data.validation_split: cannot be searched: the datasets are loaded and split once per search; set it in the run config
+    """
+    for key, reason in PER_SEARCH.items():
+        if isinstance(name, str) and (name == key or (key.endswith(".") and name.startswith(key))):
+            raise ConfigError(f"{name}: cannot be searched: {reason}; set it in the run config")
+
+
 def parse_space(raw: dict[str, Any]) -> SearchSpace:
     """Validate a parsed YAML mapping into a SearchSpace; the first problem is a ConfigError.
 
@@ -275,6 +302,8 @@ def parse_space(raw: dict[str, Any]) -> SearchSpace:
     if not isinstance(params_raw, dict) or not params_raw:
         raise ConfigError(f"params: must map at least one dotted config path to a parameter, "
                           f"but got {params_raw!r}")
+    for name in params_raw:
+        _check_searchable(name)
     params = tuple(_parse_param(n, p) for n, p in params_raw.items())
     order = {p.name: i for i, p in enumerate(params)}
     for i, p in enumerate(params):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 from typing import Any, Literal
 
 from pydantic import (
@@ -31,6 +32,7 @@ from pydantic import (
 )
 
 __all__ = [
+    "DEVICES",
     "Limits",
     "ModelInfo",
     "ModelSlot",
@@ -39,11 +41,30 @@ __all__ = [
     "PredictResponse",
     "Prediction",
     "RequestError",
+    "check_device",
     "decode_base64_images",
     "parse_multipart_images",
     "parse_predict_body",
     "token_digest",
 ]
+
+
+DEVICES = "auto, cpu, cuda or cuda:N"
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def check_device(device: Any) -> str:
+    """`device` if it names a device choice (auto, cpu, cuda, cuda:N); else ValueError.
+
+    >>> check_device("cuda:1")
+    'cuda:1'
+    >>> check_device("gpu")
+    Traceback (most recent call last):
+    ValueError: device must be auto, cpu, cuda or cuda:N, got 'gpu'
+    """
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+        raise ValueError(f"device must be {DEVICES}, got {device!r}")
+    return device
 
 
 class RequestError(Exception):
@@ -177,6 +198,7 @@ class ModelInfo(BaseModel):
     labels: list[str]
     metrics: dict[str, Any] = Field(default_factory=dict)
     trial: dict[str, Any] | None = None
+    device: str | None = Field(default=None, description="Where the model computes: cpu, cuda:0.")
 
 
 class PredictResponse(BaseModel):
@@ -239,11 +261,17 @@ class ServeArgs(BaseModel):
     downscale_delay_s: float = Field(default=60.0, ge=0)
     look_back_period_s: float = Field(default=30.0, gt=0, description="Load averaging window.")
     metrics_interval_s: float | None = Field(default=None, gt=0, description="Default: Serve's.")
-    num_cpus: float = Field(default=1.0, ge=0, description="Per replica; also torch's threads.")
+    num_cpus: float = Field(default=1.0, ge=0, description="Per replica; torch threads if Ray is silent.")
     num_gpus: float = Field(default=0.0, ge=0, description="Per replica.")
+    device: str = Field(default="auto", description=f"{DEVICES}; auto: cuda if the replica has a GPU.")
     limits: Limits = Field(default_factory=Limits)
     token_sha256: str | None = Field(default=None, pattern="^[0-9a-f]{64}$", description="SHA-256.")
     token_file: str | None = Field(default=None, description="Token file read by each replica.")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        return check_device(device)
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeArgs:

@@ -6,6 +6,10 @@ folder, so changing it (`serve deploy` with an edited config) swaps the model th
 `reconfigure` while requests keep flowing: each request is answered by the model that was
 current when it arrived.
 
+A replica computes where Ray placed it: with GPUs reserved (`num_gpus`, so Ray sets
+`CUDA_VISIBLE_DEVICES` to them) device "auto" is "cuda", else "cpu"; and it sizes torch's
+threads from the CPUs Ray assigned it, so `ray_actor_options` in a Serve config is honoured.
+
 Example:
     >>> from ray import serve                                             # doctest: +SKIP
     >>> serve.run(build_app(ServeArgs(model="runs/demo/model")), name="tl-ray")  # doctest: +SKIP
@@ -18,7 +22,7 @@ import hmac
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -26,6 +30,7 @@ from ray import serve
 from ray.serve import Application
 
 from tl_ray.client import TOKEN_ENV
+from tl_ray.errors import ConfigError
 from tl_ray.serve.api import (
     ModelInfo,
     ModelSlot,
@@ -43,11 +48,14 @@ __all__ = [
     "DEPLOYMENT",
     "TOKEN_ENV",
     "ModelSlot",
+    "Placement",
     "ServeArgs",
     "TLRayModel",
     "TLRayServer",
+    "assigned_resources",
     "build_app",
     "predict_by_length",
+    "replica_placement",
     "token_digest",
 ]
 
@@ -59,10 +67,63 @@ class _Loaded(NamedTuple):
     info: ModelInfo
 
 
-def _load(slot: ModelSlot) -> _Loaded:
+class Placement(NamedTuple):
+    """Where a replica computes: its device choice, torch threads, and the GPUs Ray gave it."""
+
+    device: str  # "cpu", "cuda", "cuda:N" (what Predictor gets)
+    threads: int
+    gpus: float
+    gpu_ids: list[Any]
+
+
+def assigned_resources() -> dict[str, float] | None:
+    """What Ray reserved for this process ({"CPU": 2.0, "GPU": 1.0}), or None outside a Ray worker."""
+    import ray
+
+    try:
+        return dict(ray.get_runtime_context().get_assigned_resources())
+    except Exception:  # a driver or no Ray at all: Ray asserts or raises its own error type
+        return None
+
+
+def replica_placement(
+    args: ServeArgs, assigned: Mapping[str, float] | None, gpu_ids: Sequence[Any]
+) -> Placement:
+    """The replica's device and torch threads from what Ray assigned it (args when Ray is silent).
+
+    Threads: the CPUs Ray assigned (`ray_actor_options.num_cpus`, even when edited in a Serve
+    config), else `args.num_cpus`; at least 1. Device "auto": "cuda" when Ray gave the replica
+    GPUs, else "cpu" (a replica never takes a GPU it did not reserve); others stay as asked.
+
+    >>> replica_placement(ServeArgs(), {"CPU": 2.0, "GPU": 1.0}, [0])
+    Placement(device='cuda', threads=2, gpus=1.0, gpu_ids=[0])
+    >>> replica_placement(ServeArgs(num_cpus=0.25), None, [])
+    Placement(device='cpu', threads=1, gpus=0.0, gpu_ids=[])
+    """
+    cpus = assigned["CPU"] if assigned and "CPU" in assigned else args.num_cpus
+    gpus = float(assigned.get("GPU", 0.0)) if assigned is not None else args.num_gpus
+    if gpu_ids and not gpus:
+        gpus = float(len(gpu_ids))
+    device = args.device
+    if device == "auto":
+        device = "cuda" if gpus > 0 else "cpu"
+    return Placement(device, max(1, int(cpus)), gpus, list(gpu_ids))
+
+
+def _load(slot: ModelSlot, placement: Placement | None = None) -> _Loaded:
+    """The predictor for `slot` on the replica's device; a GPU it cannot use fails loudly."""
     from tl_ray.serve.predictor import Predictor
 
-    predictor = Predictor(slot.model)
+    device = placement.device if placement is not None else "auto"
+    try:
+        predictor = Predictor(slot.model, device=device)
+    except ConfigError as error:
+        if placement is None or not placement.gpus:
+            raise
+        raise ConfigError(
+            f"this replica reserves num_gpus={placement.gpus:g} (Ray GPU ids {placement.gpu_ids}) "
+            f"but cannot compute there: {error}"
+        ) from None
     manifest, backbone = predictor.manifest, predictor.manifest.get("backbone", {})
     info = ModelInfo(
         path=str(Path(slot.model).resolve()),
@@ -74,6 +135,7 @@ def _load(slot: ModelSlot) -> _Loaded:
         labels=list(predictor.labels.labels),
         metrics=manifest.get("metrics", {}),
         trial=slot.trial,
+        device=predictor.device,
     )
     return _Loaded(predictor, info)
 
@@ -180,15 +242,17 @@ class TLRayServer:
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._predict_batch.set_max_batch_size(self.args.max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(self.args.batch_wait_ms / 1000)
-        if self.args.num_cpus >= 1:
-            import torch
+        import ray
+        import torch
 
-            torch.set_num_threads(int(self.args.num_cpus))
+        self._placement = replica_placement(self.args, assigned_resources(), ray.get_gpu_ids())
+        torch.set_num_threads(self._placement.threads)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Load the folder in `user_config`, then swap it in; requests in flight keep the old."""
         slot = ModelSlot.model_validate(user_config)
-        self._current = await asyncio.to_thread(_load, slot)  # Serve calls this only on a change
+        # Serve calls this only on a change (and at start-up: an error there fails the replica)
+        self._current = await asyncio.to_thread(_load, slot, self._placement)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_texts_in)
     async def _predict_batch(
@@ -243,10 +307,14 @@ class TLRayServer:
 
     @api.get("/v1/model")
     async def model(self, request: Request) -> dict[str, Any]:
-        """The model (backbone, depth, metrics, trial, labels) and this replica's batch sizes."""
+        """The model (backbone, depth, metrics, trial, labels, device) and this replica's
+        batch sizes and torch threads."""
+        import torch
+
         self._authorize(request)
         stats = {
             "replica": self._replica,
+            "threads": torch.get_num_threads(),
             "batches": sum(self._batch_texts.values()),
             "max_batch_texts": max(self._batch_texts, default=0),
             "max_batch_requests": max(self._batch_requests, default=0),
