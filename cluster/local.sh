@@ -5,6 +5,7 @@
 #   cluster/local.sh stop-node w2          # fault drill: kill one worker node's raylet
 #   cluster/local.sh down                  # stops only the processes this cluster started
 # State, token and logs live in $TLRAY_CLUSTER_DIR (default ~/.tl-ray/local-cluster).
+# Each node gets its own node-local disk for fetched caches (TL_RAY_CACHE_DIR=<dir>/node-cache/<node>).
 # Never uses `ray stop`: other Ray instances on the machine keep running.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

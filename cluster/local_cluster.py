@@ -12,6 +12,9 @@ State (default ~/.tl-ray/local-cluster, or $TLRAY_CLUSTER_DIR):
     auth_token   the cluster's token (mode 600)
     env.sh       `source` it to point `tl-ray submit` / `ray` at this cluster
     r/<node>/    each node's Ray temp dir (logs under r/<node>/session_latest/logs)
+    node-cache/<node>/   each node's own disk for fetched frozen-prefix caches: its processes
+                 get TL_RAY_CACHE_DIR pointing there, as separate machines would have
+                 separate disks (removed by `down`)
 
 Stdlib only, so it runs with any Python that can reach the `ray` executable. Linux (/proc).
 """
@@ -34,6 +37,7 @@ from pathlib import Path
 
 MARKER = "TLRAY_LOCAL_CLUSTER_ID"
 NODE_MARKER = "TLRAY_LOCAL_NODE"
+NODE_CACHE_ENV = "TL_RAY_CACHE_DIR"  # tl_ray.train.feature_cache.CACHE_DIR_ENV
 STATE_FILE = "state.json"
 HEAD_PORTS = ("gcs", "dashboard", "client")
 NODE_PORTS = ("node_manager", "object_manager", "agent_http", "agent_grpc", "runtime_env", "metrics")
@@ -200,10 +204,13 @@ def up(opts: argparse.Namespace) -> None:
             ] + args
         else:
             args = [f"--address={state['gcs_address']}"] + args
+        cache_dir = directory / "node-cache" / name
         state["nodes"].append(
-            {"name": name, "cpus": cpus, "gpus": gpus, "resource": f"tl_node_{name}", "ports": ports}
-        )
-        started.append((name, _ray_start(args, {**env, NODE_MARKER: name}, log)))
+            {"name": name, "cpus": cpus, "gpus": gpus, "resource": f"tl_node_{name}", "ports": ports,
+             "cache_dir": str(cache_dir)}
+        )  # fmt: skip
+        node_env = {**env, NODE_MARKER: name, NODE_CACHE_ENV: str(cache_dir)}
+        started.append((name, _ray_start(args, node_env, log)))
         if head:  # workers join the head's GCS, so it goes first; the workers start together
             _wait(started, log)
     _wait(started[1:], log)
@@ -295,6 +302,7 @@ def down(opts: argparse.Namespace) -> None:
     left = [p for p in cluster_pids(state["cluster_id"], _recorded(state)) if not _zombie(p)]
     (directory / STATE_FILE).unlink(missing_ok=True)
     (directory / "env.sh").unlink(missing_ok=True)
+    shutil.rmtree(directory / "node-cache", ignore_errors=True)
     if not opts.keep_logs:
         shutil.rmtree(directory / "r", ignore_errors=True)
     print(f"local Ray cluster down: stopped {stopped} processes" + (f", {len(left)} left: {left}" if left else ""))

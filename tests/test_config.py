@@ -66,3 +66,15 @@ def test_bad_override_syntax():
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_a_relative_model_folder_is_made_absolute_for_the_workers(tmp_path, monkeypatch):
+    """Ray workers do not run in the driver's working directory."""
+    from tl_ray.config import parse_config
+
+    (tmp_path / "models" / "my-bert").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_config({"data": {"path": "x.csv"}, "backbone": {"name_or_path": "models/my-bert"}})
+    assert cfg.backbone.name_or_path == str(tmp_path / "models" / "my-bert")
+    hub = parse_config({"data": {"path": "x.csv"}, "backbone": {"name_or_path": "bert-base-uncased"}})
+    assert hub.backbone.name_or_path == "bert-base-uncased"

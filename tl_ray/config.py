@@ -93,6 +93,13 @@ class HFTextConfig(_Strict):
     lora_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     lora_target_modules: list[str] | None = None
 
+    @field_validator("name_or_path")
+    @classmethod
+    def _absolute_folder(cls, value: str) -> str:
+        """A local model folder is made absolute here, on the driver: workers run elsewhere."""
+        folder = Path(value).expanduser()
+        return str(folder.resolve()) if folder.is_dir() else value
+
 
 class KerasImageConfig(_Strict):
     """A `keras.applications` image network (tf_keras) with a new pooling-dropout-dense head.

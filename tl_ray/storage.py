@@ -9,6 +9,11 @@ The driver still writes `output` itself (search.json, the Optuna study, trials.p
 best.json, the exported model/): keep `output` on the driver's disk or a shared mount, and
 point `storage_path` at shared storage for checkpoints.
 
+Folders that several nodes read (the frozen-prefix cache) are published there with
+`publish_folder`: a reader that finds its marker file finds the whole folder. On a local or
+NFS path that is one atomic rename; on an object store (no rename) every other file is
+uploaded first and the marker last. `download_folder` copies one back to a node's disk.
+
 Example:
     >>> storage_location(None, "/runs/x"), storage_location("s3://bucket/ckpt", "/runs/x")  # doctest: +SKIP
     ('/runs/x', 's3://bucket/ckpt')
@@ -16,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -24,9 +30,18 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tl_ray.errors import ConfigError
+from tl_ray.errors import ConfigError, TLRayError
 
-__all__ = ["check_reachable", "fetch_checkpoint", "is_uri", "resolve_storage", "storage_location"]
+__all__ = [
+    "check_reachable",
+    "download_folder",
+    "fetch_checkpoint",
+    "is_uri",
+    "publish_folder",
+    "read_text",
+    "resolve_storage",
+    "storage_location",
+]
 
 log = logging.getLogger("tl_ray.storage")
 _SCHEMES = ("s3", "gs", "gcs", "file", "hdfs", "abfs", "abfss", "mock")
@@ -139,3 +154,90 @@ def fetch_checkpoint(path: str, location: str) -> Path:
 def storage_location(storage_path: str | None, output: str | os.PathLike) -> str:
     """Where checkpoints go: `storage_path` when set, else the output folder."""
     return resolve_storage(storage_path) if storage_path else str(Path(output).expanduser().resolve())
+
+
+def _filesystem(location: str) -> tuple[Any, str]:
+    """pyarrow's filesystem for `location` and the path inside it (a plain path: local)."""
+    import pyarrow.fs
+
+    if is_uri(location):
+        return pyarrow.fs.FileSystem.from_uri(location)
+    return pyarrow.fs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+
+
+def read_text(location: str, name: str) -> str | None:
+    """The text of file `name` in folder `location` (a path or a URI), or None if absent."""
+    import pyarrow.fs
+
+    filesystem, path = _filesystem(location)
+    if filesystem.get_file_info(f"{path}/{name}").type != pyarrow.fs.FileType.File:
+        return None
+    with filesystem.open_input_stream(f"{path}/{name}") as stream:
+        return stream.read().decode("utf-8")
+
+
+def publish_folder(folder: Path, location: str, *, marker: str) -> bool:
+    """Move or copy the flat local `folder` to `location`; readers trust it once `marker` is there.
+
+    Returns False, leaving `folder` to the caller, when a folder with `marker` is already
+    published there (another writer won a race; both wrote the same content).
+
+    >>> publish_folder(Path("/tmp/built"), "s3://bucket/cache/ab12", marker="meta.json")  # doctest: +SKIP
+    True
+    """
+    import pyarrow.fs
+
+    filesystem, path = _filesystem(location)
+    if read_text(location, marker) is not None:
+        return False
+    if isinstance(filesystem, pyarrow.fs.LocalFileSystem):  # a local disk or an NFS mount
+        return _rename_into_place(folder, Path(path), marker)
+    return _upload_marker_last(folder, filesystem, path, marker)
+
+
+def _rename_into_place(folder: Path, target: Path, marker: str) -> bool:
+    """One atomic rename (a copy beside the target first when it is on another filesystem)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        try:
+            os.rename(folder, staged)  # same filesystem: nothing is copied
+        except OSError as error:
+            if error.errno != errno.EXDEV:
+                raise
+            shutil.copytree(folder, staged)
+        os.rename(staged, target)  # fails when a non-empty target exists: the race is lost
+    except OSError:
+        if (target / marker).is_file():
+            return False
+        if target.is_dir() and any(target.iterdir()):
+            raise TLRayError(
+                f"{target} exists without {marker} (an interrupted copy?); delete it and run again"
+            ) from None
+        raise
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return True
+
+
+def _upload_marker_last(folder: Path, filesystem: Any, path: str, marker: str) -> bool:
+    """Object stores have no rename: each object is written whole, and the marker last."""
+    import pyarrow.fs
+
+    files = sorted((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.name == marker)
+    local = pyarrow.fs.LocalFileSystem()
+    for item in files:
+        destination = f"{path}/{item.relative_to(folder).as_posix()}"
+        filesystem.create_dir(destination.rsplit("/", 1)[0], recursive=True)
+        pyarrow.fs.copy_files(str(item), destination, source_filesystem=local, destination_filesystem=filesystem)
+    return True
+
+
+def download_folder(location: str, target: Path) -> None:
+    """Copy the folder at `location` (a path or a URI) into the local folder `target`."""
+    import pyarrow.fs
+
+    filesystem, path = _filesystem(location)
+    target.mkdir(parents=True, exist_ok=True)
+    pyarrow.fs.copy_files(path, str(target), source_filesystem=filesystem,
+                          destination_filesystem=pyarrow.fs.LocalFileSystem())  # fmt: skip

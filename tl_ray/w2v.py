@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 
 from tl_ray.backbones.word_vectors_io import tokenize
 from tl_ray.errors import ConfigError, DataError, TLRayError
+from tl_ray.extras import require
 
 __all__ = ["Corpus", "evaluate", "run_as_task", "train_model", "update_model"]
 
@@ -114,6 +115,7 @@ def train_model(
 
     `bucket` (FastText only) is the number of n-gram rows: memory is bucket x vector_size floats.
     """
+    require("word-vectors", "tl-ray w2v")
     from gensim.models import FastText, Word2Vec
 
     if arch not in ARCHS:
@@ -167,6 +169,7 @@ def update_model(
     Reports the words added and how the vectors of the words the model already had moved
     (cosine between each old and new vector). The input model is never written.
     """
+    require("word-vectors", "tl-ray w2v")
     import numpy as np
 
     model_path, out = Path(model_path).expanduser().resolve(), Path(out).expanduser().resolve()
@@ -216,6 +219,7 @@ def evaluate(path: str | Path) -> dict[str, Any]:
     Correlations are over the pairs whose words are both in the vocabulary (`oov_percent` of
     pairs are skipped); analogy accuracy is over the questions with all four words known.
     """
+    require("word-vectors", "tl-ray w2v")
     import gensim
 
     from tl_ray.backbones.word_vectors_io import load_keyed_vectors

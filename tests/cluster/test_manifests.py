@@ -143,3 +143,125 @@ def test_dockerfile_and_constraints_pin_the_same_ray():
     assert base and RAY_IMAGE.match(f"rayproject/ray:{base[1]}")["version"] == ray.__version__
     pins = (CLUSTER.parent / "constraints.txt").read_text()
     assert f"\nray=={ray.__version__}\n" in pins
+
+
+# -- which TensorFlow (and torch) each install gets: pyproject extras, constraints, GPU images --
+ROOT = CLUSTER.parent
+CPU_EXTRAS = ("text", "keras", "word-vectors", "minilm")  # every family, CPU TensorFlow
+
+
+def pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+
+
+def requirements(extras, project: dict | None = None) -> list:
+    """The requirements that `tl-ray[extras]` adds, self-references (tl-ray[...]) expanded."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = project or pyproject()
+    found = []
+    for extra in extras:
+        for line in project["optional-dependencies"][extra]:
+            req = Requirement(line)
+            if canonicalize_name(req.name) == "tl-ray":
+                found += requirements(sorted(req.extras), project)
+            else:
+                found.append(req)
+    return found
+
+
+def names(reqs) -> set[str]:
+    from packaging.utils import canonicalize_name
+
+    return {canonicalize_name(r.name) for r in reqs}
+
+
+def tensorflows(reqs) -> list:
+    return [r for r in reqs if r.name.lower().replace("_", "-").startswith("tensorflow")]
+
+
+def test_core_install_has_no_backbone_library():
+    from packaging.requirements import Requirement
+
+    core = names(Requirement(line) for line in pyproject()["dependencies"])
+    assert {"ray", "torch", "optuna", "pyarrow"} <= core
+    heavy = {"tensorflow", "tensorflow-cpu", "tf-keras", "keras", "gensim", "transformers", "peft"}
+    assert not core & heavy, f"core dependencies hold {core & heavy}: a text-only install needs none"
+
+
+def test_each_backbone_family_is_an_extra():
+    assert {"transformers", "peft"} <= names(requirements(["text"]))
+    assert "gensim" in names(requirements(["word-vectors"]))
+    for extra, cuda in (("keras", False), ("keras-gpu", True)):
+        reqs = requirements([extra])
+        assert "tf-keras" in names(reqs), extra
+        # tf-keras requires the `tensorflow` distribution, so the CPU flavour is `tensorflow`
+        # without CUDA libraries: tensorflow-cpu beside it would unpack a second TensorFlow
+        # wheel into the same folder.
+        tf = tensorflows(reqs)
+        assert [r.name for r in tf] == ["tensorflow"], f"{extra}: {[str(r) for r in tf]}"
+        assert ("and-cuda" in tf[0].extras) is cuda, f"{extra}: {tf[0]}"
+
+
+def test_dev_and_all_cover_every_cpu_extra():
+    for extra in ("all", "dev"):
+        reqs = requirements([extra])
+        assert names(requirements(CPU_EXTRAS)) <= names(reqs), extra
+        assert not any("and-cuda" in r.extras for r in tensorflows(reqs)), f"{extra} is CPU-only"
+    assert {"pytest", "scikit-learn"} <= names(requirements(["dev"]))
+
+
+def test_constraints_pin_the_cpu_stack_only():
+    """`make` installs .[dev] with -c constraints.txt: every dev package pinned, nothing CUDA."""
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version
+    assert pins["torch"].endswith("+cpu")
+    assert not [n for n in pins if n.startswith("nvidia-") or n == "tensorflow-cpu"]
+    unpinned = names(requirements(["dev"])) - set(pins)
+    assert not unpinned, f"dev packages missing from constraints.txt: {sorted(unpinned)}"
+
+
+def gpu_install_commands() -> dict[str, list[str]]:
+    """The pip install commands of the GPU image (Dockerfile) and the GPU cluster (launcher)."""
+    dockerfile = (CLUSTER / "Dockerfile").read_text(encoding="utf-8").replace("\\\n", " ")
+    runs = [line for line in dockerfile.splitlines() if line.startswith("RUN ")]
+    launcher = yaml.safe_load((CLUSTER / "aws-gpu.yaml").read_text(encoding="utf-8"))
+    found = {"Dockerfile": [], "aws-gpu.yaml": []}
+    for source, commands in (("Dockerfile", runs), ("aws-gpu.yaml", launcher["setup_commands"])):
+        for command in commands:
+            found[source] += [part for part in re.split(r"&&|;", command) if "pip install" in part]
+    return found
+
+
+def test_gpu_images_install_gpu_tensorflow_and_cuda_torch():
+    dockerfile = (CLUSTER / "Dockerfile").read_text(encoding="utf-8")
+    launcher = yaml.safe_load((CLUSTER / "aws-gpu.yaml").read_text(encoding="utf-8"))
+    bases = {
+        "Dockerfile": re.search(r"^FROM (\S+)", dockerfile, re.M)[1],
+        "aws-gpu.yaml": launcher["docker"]["image"],
+    }
+    for source, commands in gpu_install_commands().items():
+        cuda = re.search(r"-(cu\d+)$", bases[source])
+        assert cuda, f"{source}: pin the base image's CUDA (-cuXXX), not {bases[source]}"
+        assert not any("tensorflow-cpu" in c for c in commands), f"{source} installs tensorflow-cpu"
+        tl_ray = [c for c in commands if re.search(r"tl-ray\[", c)]
+        assert len(tl_ray) == 1, f"{source}: one install of tl-ray, got {tl_ray}"
+        extras = re.search(r"tl-ray\[([^\]]+)\]", tl_ray[0])[1].split(",")
+        assert "keras-gpu" in extras, f"{source}: {extras}"
+        tf = tensorflows(requirements(extras))  # `tensorflow` only, and with its CUDA libraries
+        assert {r.name for r in tf} == {"tensorflow"}, f"{source}: {[str(r) for r in tf]}"
+        assert any("and-cuda" in r.extras for r in tf), f"{source}: {[str(r) for r in tf]}"
+        assert {"text", "word-vectors"} <= set(extras), f"{source}: every backbone family on the GPU image"
+        assert "constraints" in tl_ray[0], f"{source}: tl-ray installs with the pinned versions"
+        # torch: PyTorch's wheel index for the base image's CUDA, before tl-ray
+        torch = [c for c in commands if "download.pytorch.org/whl/" in c]
+        assert torch and commands.index(torch[0]) < commands.index(tl_ray[0]), source
+        assert f"download.pytorch.org/whl/{cuda[1]}" in torch[0], f"{source}: torch for {cuda[1]}"

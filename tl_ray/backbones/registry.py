@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from tl_ray.errors import BackboneError
+from tl_ray.extras import require
 
 if TYPE_CHECKING:
     from tl_ray.backbones.base import Backbone
@@ -18,6 +19,9 @@ _MODULES = {
     "keras-image": "tl_ray.backbones.keras_image",
     "word-vectors": "tl_ray.backbones.word_vectors",
 }
+# kind -> the pip extra its module needs to build, train and load a model (word-vectors needs
+# gensim only to read a vectors file: see word_vectors_io; its checkpoints load without it).
+_EXTRA_OF_KIND = {"hf-text": "text", "keras-image": "keras"}
 
 B = TypeVar("B", bound="type[Backbone]")
 
@@ -50,6 +54,8 @@ def registered_kinds() -> list[str]:
 def get_backbone(cfg: Any) -> "Backbone":
     """Instantiate the backbone family named by `cfg.kind` with its config."""
     kind = getattr(cfg, "kind", None)
+    if kind in _EXTRA_OF_KIND:
+        require(_EXTRA_OF_KIND[kind], f"backbone kind {kind}")  # one line naming the extra
     if kind not in _REGISTRY and kind in _MODULES:
         import importlib
 

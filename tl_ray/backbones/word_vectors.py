@@ -21,6 +21,7 @@ from tl_ray.backbones.base import Backbone
 from tl_ray.backbones.registry import register
 from tl_ray.backbones.word_vectors_io import UNK, Vectors, Vocab, load_vectors
 from tl_ray.errors import BackboneError, CheckpointError
+from tl_ray.extras import require
 from tl_ray.io import write_json_atomic
 
 __all__ = ["WordVectorsBackbone", "WordVectorsClassifier"]
@@ -53,6 +54,7 @@ class WordVectorsBackbone(Backbone):
         return depth
 
     def check(self) -> None:
+        require("word-vectors", "backbone kind word-vectors")  # gensim reads the vectors file
         self.depth  # noqa: B018
         if self.cfg.oov == "subword" and self.cfg.init == "random":
             raise BackboneError(

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from tl_ray.errors import BackboneError
+from tl_ray.extras import require
 
 __all__ = [
     "FASTTEXT_MAGIC",
@@ -199,6 +200,7 @@ def load_vectors(path: str | Path, max_vocab: int | None = None) -> Vectors:
 
 
 def _load(path: Path, max_vocab: int | None, keep_gensim: bool) -> Any:
+    require("word-vectors", "reading a word vectors file")
     logging.getLogger("gensim").setLevel(logging.WARNING)  # not one INFO line per load
     if not path.is_file():
         raise BackboneError(f"backbone.vectors: file not found: {path}")

@@ -39,8 +39,10 @@ def train_command(
     address: Optional[str] = ADDRESS,
 ) -> None:
     """Train word vectors on a corpus, streamed, as a Ray task; prints a JSON summary."""
+    from tl_ray.extras import require
     from tl_ray.w2v import run_as_task, train_model
 
+    require("word-vectors", "tl-ray w2v")  # before Ray starts
     emit(run_as_task(
         train_model, cpus=workers, address=address, corpus=str(corpus.expanduser().resolve()),
         out=str(out.expanduser().resolve()), arch=arch, vector_size=vector_size, window=window,
@@ -61,8 +63,10 @@ def update_command(
     address: Optional[str] = ADDRESS,
 ) -> None:
     """Add new words and train on new text only; reports words added and how old vectors moved."""
+    from tl_ray.extras import require
     from tl_ray.w2v import run_as_task, update_model
 
+    require("word-vectors", "tl-ray w2v")  # before Ray starts
     emit(run_as_task(
         update_model, cpus=workers, address=address,
         model_path=str(model.expanduser().resolve()), corpus=str(corpus.expanduser().resolve()),

@@ -43,7 +43,9 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 LABELS_FILE = "labels.json"
 TRAIN_STATE_FILE = "train_state.pt"
-_VERSIONED = ("tl-ray", "torch", "transformers", "peft", "ray", "gensim", "tensorflow-cpu")
+# TensorFlow is `tensorflow` (extras keras and keras-gpu), or tensorflow-cpu where installed by hand.
+_VERSIONED = ("tl-ray", "torch", "transformers", "peft", "ray", "gensim",
+              "tensorflow", "tensorflow-cpu", "tf-keras")
 
 
 def _versions() -> dict[str, str]:

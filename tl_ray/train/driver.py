@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -30,7 +31,7 @@ from tl_ray.train.checkpoint import export_model_folder
 from tl_ray.train.feature_cache import ensure_cache, plan_cache
 from tl_ray.train.loop import train_loop_per_worker
 
-__all__ = ["TrainOutcome", "build_trainer", "ensure_ray", "train"]
+__all__ = ["TrainOutcome", "build_trainer", "ensure_ray", "run_name", "train"]
 
 log = logging.getLogger("tl_ray.train")
 
@@ -102,8 +103,9 @@ def build_trainer(
 ) -> TorchTrainer:
     """A TorchTrainer for `cfg`: datasets stream to workers through Ray Data.
 
-    With `cache_dir`, the frozen bottom's output is computed once there (or reused) and the
-    workers read it instead of running the frozen layers (see `feature_cache`).
+    With `cache_dir` (a path or URI every node reaches), the frozen bottom's output is
+    published there once (or reused) and each worker reads its node's copy of it instead of
+    running the frozen layers (see `feature_cache`).
     """
     tcfg = cfg.train
     data_context = ray.data.DataContext.get_current()
@@ -111,8 +113,9 @@ def build_trainer(
     data_context.print_on_execution_start = False
     cache = None
     if cache_dir is not None:
-        plan = plan_cache(cfg, datasets, Path(cache_dir))
-        cache = plan and ensure_cache(plan, cfg, datasets)
+        plan = plan_cache(cfg, datasets, cache_dir)  # published there: a shared path or a URI
+        location = plan and ensure_cache(plan, cfg, datasets)
+        cache = location and {"location": location, "key": plan.key}  # FeatureCache.open(**cache)
     trainer_class, loop = _trainer_and_loop(cfg.backbone.kind)  # Keras kinds: TensorflowTrainer
     return trainer_class(
         loop,
@@ -120,7 +123,7 @@ def build_trainer(
             "run": cfg.model_dump(),
             "labels": list(datasets.labels.labels),
             "train_rows": datasets.train.num_rows,
-            "cache": str(cache) if cache else None,
+            "cache": cache,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=tcfg.num_workers,
@@ -144,6 +147,16 @@ def build_trainer(
             "validation": ray.data.from_arrow(_numbered(datasets.validation)),
         },
     )
+
+
+def run_name(prefix: str = "train") -> str:
+    """A run name no other run gets: Ray Train resumes a run whose name already has
+    checkpoints, so two runs started in the same second must not share one.
+
+    >>> run_name() != run_name()
+    True
+    """
+    return f"{prefix}_{time.strftime('%Y-%m-%d_%H-%M-%S')}_{uuid.uuid4().hex[:8]}"
 
 
 def _numbered(table: pa.Table) -> pa.Table:
@@ -199,14 +212,13 @@ def train(
     output.mkdir(parents=True, exist_ok=True)
     storage = storage_location(cfg.storage_path, output)  # checkpoints: storage_path or output
     check_reachable(storage)  # on a multi-node cluster every node must see a plain path
-    # A fresh run name per call: Ray Train resumes a run whose name already has checkpoints.
     trainer = build_trainer(
         cfg,
         datasets,
         storage_path=storage,
-        name=time.strftime("train_%Y-%m-%d_%H-%M-%S"),
+        name=run_name(),
         callbacks=[_EpochPrinter(on_epoch)] if on_epoch else None,
-        cache_dir=output / "cache",
+        cache_dir=f"{storage.rstrip('/')}/cache",  # under storage_path: every node can fetch it
     )
     try:
         result = trainer.fit()

@@ -8,14 +8,22 @@ trial that shares the same key reads it instead of running the frozen layers aga
 The key covers the backbone family and boundary, digests of the weight and tokenizer files,
 `max_length`, and the exact texts of both splits, so a stale cache is never read. Layout:
 
-    CACHE_ROOT/<key[:20]>/meta.json                  splits, tensors, shapes, bytes
-    CACHE_ROOT/<key[:20]>/<split>.<tensor>.bin       rows back to back (float32 / int64)
-    CACHE_ROOT/<key[:20]>/<split>.index.npy          per original row: (start, length)
+    ROOT/<key[:20]>/meta.json                  splits, tensors, shapes, bytes (written last)
+    ROOT/<key[:20]>/<split>.<tensor>.bin       rows back to back (float32 / int64)
+    ROOT/<key[:20]>/<split>.index.npy          per original row: (start, length)
+
+On a cluster ROOT is under the storage location (`storage_path`, a shared path or an
+`s3://` / `gs://` / `file://` URI). The build task writes on its own node's disk and
+publishes with `tl_ray.storage.publish_folder`: a reader trusts only a folder whose meta.json
+exists, and two racing builders are harmless (the first to publish wins, the other discards
+its copy). Workers call `FeatureCache.open(location, key)`: a URI is fetched once per node,
+under a node-local lock, into `local_cache_root()/<key[:20]>` and memory-mapped there; a plain
+path (one machine, or an NFS mount every node sees) is memory-mapped in place.
 
 Example:
-    >>> plan = plan_cache(cfg, datasets, Path("runs/demo/cache"))  # doctest: +SKIP
-    >>> folder = ensure_cache(plan, cfg, datasets)                 # doctest: +SKIP
-    >>> FeatureCache(folder).batch("train", np.array([0, 5]))      # doctest: +SKIP
+    >>> plan = plan_cache(cfg, datasets, "s3://bucket/runs/cache")  # doctest: +SKIP
+    >>> location = ensure_cache(plan, cfg, datasets)               # doctest: +SKIP
+    >>> FeatureCache.open(location, plan.key).batch("train", np.array([0, 5]))  # doctest: +SKIP
     {'hidden_states': tensor(...), 'attention_mask': tensor(...)}
 """
 
@@ -27,13 +35,17 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
-import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
+
+from tl_ray.errors import TLRayError
+from tl_ray.storage import download_folder, is_uri, publish_folder, read_text
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -42,7 +54,16 @@ if TYPE_CHECKING:
     from tl_ray.config import RunConfig
     from tl_ray.data import Datasets
 
-__all__ = ["CachePlan", "FeatureCache", "build_cache", "ensure_cache", "plan_cache"]
+__all__ = [
+    "CACHE_DIR_ENV",
+    "CachePlan",
+    "FeatureCache",
+    "build_cache",
+    "ensure_cache",
+    "local_cache_root",
+    "local_copy",
+    "plan_cache",
+]
 
 log = logging.getLogger("tl_ray.train")
 
@@ -51,15 +72,21 @@ META_FILE = "meta.json"
 MASK = "attention_mask"
 SPLITS = ("train", "validation")
 _CHUNK = 64  # texts per forward pass while building
+CACHE_DIR_ENV = "TL_RAY_CACHE_DIR"  # a node's own disk for fetched caches and builds
 
 
 @dataclass(frozen=True)
 class CachePlan:
-    """Where the cache of one (backbone, boundary, data) combination lives."""
+    """Where the cache of one (backbone, boundary, data) combination is published."""
 
-    folder: Path
+    location: str  # ROOT/<key[:20]>: an absolute path or a URI
     key: str
     boundary: str
+
+    @property
+    def name(self) -> str:
+        """The cache's folder name, here and on every node."""
+        return self.key[:20]
 
 
 def _texts_digest(table: "pa.Table") -> str:
@@ -69,8 +96,8 @@ def _texts_digest(table: "pa.Table") -> str:
     return digest.hexdigest()
 
 
-def plan_cache(cfg: "RunConfig", datasets: "Datasets", root: Path) -> CachePlan | None:
-    """The cache this run can use, or None (turned off, or not exact for this backbone)."""
+def plan_cache(cfg: "RunConfig", datasets: "Datasets", root: str | Path) -> CachePlan | None:
+    """The cache this run can use under `root` (a path or a URI), or None (off, or not exact)."""
     from tl_ray.backbones.registry import get_backbone
 
     if not cfg.train.cache:
@@ -89,16 +116,24 @@ def plan_cache(cfg: "RunConfig", datasets: "Datasets", root: Path) -> CachePlan 
         **{f"data_{name}": _texts_digest(getattr(datasets, name)) for name in SPLITS},
     }
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-    return CachePlan(Path(root) / key[:20], key, boundary)
+    root = str(root) if is_uri(str(root)) else str(Path(root).expanduser().resolve())
+    return CachePlan(f"{root.rstrip('/')}/{key[:20]}", key, boundary)
 
 
-def ensure_cache(plan: CachePlan, cfg: "RunConfig", datasets: "Datasets") -> Path | None:
-    """The ready cache folder: reused if present, else built by a Ray task; None if too big."""
+def _meta(location: str | Path, key: str) -> dict[str, Any] | None:
+    """The meta.json of a complete cache of `key` at `location`, else None."""
+    text = read_text(str(location), META_FILE)
+    meta = None if text is None else json.loads(text)
+    return meta if meta is not None and meta.get("key") == key else None
+
+
+def ensure_cache(plan: CachePlan, cfg: "RunConfig", datasets: "Datasets") -> str | None:
+    """The published cache's location: reused if there, else built by a Ray task; None if too big."""
     import ray
 
-    if (plan.folder / META_FILE).is_file():
-        log.info("frozen-prefix cache: reusing %s", plan.folder)
-        return plan.folder
+    if _meta(plan.location, plan.key) is not None:
+        log.info("frozen-prefix cache: reusing %s", plan.location)
+        return plan.location
     tcfg = cfg.train
     task = ray.remote(build_cache).options(
         num_cpus=tcfg.cpus_per_worker,
@@ -107,34 +142,89 @@ def ensure_cache(plan: CachePlan, cfg: "RunConfig", datasets: "Datasets") -> Pat
     )
     tables = {name: getattr(datasets, name).select(["text"]) for name in SPLITS}
     started = time.perf_counter()
-    folder = ray.get(task.remote(plan, cfg.model_dump(), tables, len(datasets.labels)))
-    if folder is not None:
-        meta = json.loads((Path(folder) / META_FILE).read_text(encoding="utf-8"))
+    location = ray.get(task.remote(plan, cfg.model_dump(), tables, len(datasets.labels)))
+    if location is not None:
+        meta = _meta(location, plan.key) or {"bytes": 0}
         log.info(
             "frozen-prefix cache: %s (%.1f MB, %.1f s)",
-            folder, meta["bytes"] / 2**20, time.perf_counter() - started,
+            location, meta["bytes"] / 2**20, time.perf_counter() - started,
         )
-    return None if folder is None else Path(folder)
+    return location
 
 
 def build_cache(
     plan: CachePlan, run: dict[str, Any], tables: dict[str, "pa.Table"], num_labels: int
 ) -> str | None:
-    """Compute and write the cache (exclusive per key: concurrent trials wait, then reuse)."""
-    plan.folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(plan.folder.with_name(plan.folder.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (plan.folder / META_FILE).is_file():
-            return str(plan.folder)
-        tmp = plan.folder.with_name(f".{plan.folder.name}.{uuid.uuid4().hex}.tmp")
-        tmp.mkdir()
+    """Compute the cache on this node's disk and publish it at `plan.location`; None if too big.
+
+    Builders on one node take turns (a node-local lock); a builder on another node that
+    publishes first wins, and this one's copy is discarded.
+    """
+    root = local_cache_root()
+    with _node_lock(root / f".{plan.name}.build.lock"):
+        if _meta(plan.location, plan.key) is not None:
+            return plan.location
+        # beside a plain-path target (publishing is then one rename), else on this node's disk
+        near = root if is_uri(plan.location) else Path(plan.location).parent
+        near.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{plan.name}.", suffix=".tmp", dir=near))
         try:
-            if not _write(tmp, plan, run, tables, num_labels):
+            if not _write(scratch, plan, run, tables, num_labels):
                 return None
-            os.replace(tmp, plan.folder)
+            if not publish_folder(scratch, plan.location, marker=META_FILE):
+                log.info("frozen-prefix cache: %s was published by another builder", plan.location)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(plan.folder)
+            shutil.rmtree(scratch, ignore_errors=True)
+    return plan.location
+
+
+def local_cache_root() -> Path:
+    """This node's folder for fetched caches: $TL_RAY_CACHE_DIR, else TMPDIR/tl-ray-cache."""
+    root = Path(os.environ.get(CACHE_DIR_ENV) or Path(tempfile.gettempdir()) / "tl-ray-cache")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@contextmanager
+def _node_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock among the processes of this node (flock on node-local disk)."""
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def local_copy(location: str, key: str) -> Path:
+    """A folder on this node holding the published cache `key` at `location`.
+
+    A URI is downloaded once per node into `local_cache_root()/<key[:20]>` (concurrent
+    workers wait for the first); a plain path is shared by every node and used in place.
+
+    >>> local_copy("s3://bucket/runs/cache/0123456789abcdef0123", key)  # doctest: +SKIP
+    PosixPath('/tmp/tl-ray-cache/0123456789abcdef0123')
+    """
+    if not is_uri(location):
+        if _meta(location, key) is None:
+            raise TLRayError(f"frozen-prefix cache {location} is missing or incomplete (no {META_FILE})")
+        return Path(location)
+    target = local_cache_root() / key[:20]
+    if _meta(target, key) is not None:
+        return target
+    with _node_lock(target.with_name(f".{target.name}.lock")):
+        if _meta(target, key) is not None:
+            return target
+        if _meta(location, key) is None:
+            raise TLRayError(f"frozen-prefix cache {location} is not published (no {META_FILE})")
+        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        try:
+            download_folder(location, scratch)
+            if _meta(scratch, key) is None:
+                raise TLRayError(f"frozen-prefix cache {location} changed while it was fetched; run again")
+            shutil.rmtree(target, ignore_errors=True)  # not a complete copy of this key
+            os.rename(scratch, target)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    log.info("frozen-prefix cache: fetched %s to %s", location, target)
+    return target
 
 
 def _write(folder: Path, plan: CachePlan, run: dict, tables: dict, num_labels: int) -> bool:
@@ -216,6 +306,11 @@ class FeatureCache:
         self.folder = Path(folder)
         self.meta = json.loads((self.folder / META_FILE).read_text(encoding="utf-8"))
         self._maps: dict[tuple[str, str], np.ndarray] = {}
+
+    @classmethod
+    def open(cls, location: str, key: str) -> FeatureCache:
+        """The published cache `key` at `location`, read from this node's copy (`local_copy`)."""
+        return cls(local_copy(location, key))
 
     def _values(self, split: str, name: str) -> np.ndarray:
         if (split, name) not in self._maps:

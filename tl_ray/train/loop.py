@@ -7,6 +7,7 @@ reports metrics with a checkpoint; everything else is plain PyTorch.
 from __future__ import annotations
 
 import math
+import pickle
 import tempfile
 import time
 from contextlib import nullcontext
@@ -22,9 +23,10 @@ from torch import nn
 from tl_ray.backbones.registry import get_backbone
 from tl_ray.config import parse_config
 from tl_ray.data import LabelMap
-from tl_ray.train.checkpoint import TRAIN_STATE_FILE, write_model_folder
+from tl_ray.errors import CheckpointError
+from tl_ray.train.checkpoint import TRAIN_STATE_FILE, read_manifest, write_model_folder
 from tl_ray.train.feature_cache import FeatureCache
-from tl_ray.train.metrics import ClassificationTally
+from tl_ray.train.metrics import ClassificationTally, all_reduce_sum
 
 __all__ = ["train_loop_per_worker"]
 
@@ -47,10 +49,15 @@ def _linear_warmup(total_steps: int, warmup_ratio: float):
     return factor
 
 
-def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(tensor)
-    return tensor
+def read_train_state(folder: Path) -> dict[str, Any]:
+    """The optimizer, scheduler and epoch saved beside a checkpoint (tensors and plain data
+    only: `weights_only=True`, so a tampered file cannot run code on load)."""
+    try:
+        return torch.load(Path(folder) / TRAIN_STATE_FILE, weights_only=True, map_location="cpu")
+    except (OSError, RuntimeError, pickle.UnpicklingError) as error:
+        raise CheckpointError(
+            f"{folder}: cannot resume from {TRAIN_STATE_FILE} ({str(error).splitlines()[0]})"
+        ) from None
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -79,7 +86,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # -- model (fresh, or resumed from the last reported checkpoint) ----------------------
     backbone = get_backbone(cfg.backbone)
-    cache = FeatureCache(config["cache"]) if config.get("cache") else None
+    cache = FeatureCache.open(**config["cache"]) if config.get("cache") else None  # this node's copy
 
     def inputs_of(batch: dict[str, np.ndarray], split: str) -> dict[str, torch.Tensor]:
         """Token ids, or the frozen bottom's cached output for these rows."""
@@ -96,7 +103,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:
         with checkpoint.as_directory() as folder:
             model = backbone.load(Path(folder), num_labels=len(labels), trainable=True)
-            state = torch.load(Path(folder) / TRAIN_STATE_FILE, weights_only=False)
+            state = read_train_state(Path(folder))
+            state["metrics"] = read_manifest(Path(folder))["metrics"]
     backbone.apply_unfreeze(model)
     groups = backbone.param_groups(
         model, tcfg.lr, tcfg.weight_decay, getattr(cfg.backbone, "lr_decay", 1.0)
@@ -117,9 +125,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loss_fn = nn.CrossEntropyLoss()
 
     # -- loop -----------------------------------------------------------------------------
+    if state is not None and first_epoch > tcfg.epochs:
+        # Resumed after its last epoch (a search driver died before it saw that report):
+        # report it again, so the run ends with a result and a servable checkpoint.
+        _report(state["metrics"], rank, backbone, model, labels, optimizer, scheduler, state["epoch"], tcfg)
+        return
     for epoch in range(first_epoch, tcfg.epochs + 1):
         wrapped.train()
-        started, seen, loss_sum = time.perf_counter(), 0, 0.0
+        started, seen = time.perf_counter(), 0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # no host sync per step
         for batch in _batches(train_shard, tcfg.batch_size, tcfg.seed + epoch):
             inputs = inputs_of(batch, "train")
             targets = torch.tensor(batch["label"], device=device)
@@ -132,15 +146,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer.step()
             scheduler.step()
             seen += len(targets)
-            loss_sum += loss.item() * len(targets)
+            loss_sum += loss.detach().double() * len(targets)
         elapsed = time.perf_counter() - started
 
         metrics = _evaluate(model, backbone, val_data, len(labels), tcfg, autocast, inputs_of)
-        totals = _all_reduce(torch.tensor([seen, loss_sum, elapsed], dtype=torch.float64))
+        local = torch.stack([torch.tensor(float(seen), dtype=torch.float64, device=device),
+                             loss_sum, torch.tensor(elapsed, dtype=torch.float64, device=device)])
+        total_seen, total_loss, total_s = all_reduce_sum(local, device).tolist()
         metrics.update(
             epoch=epoch,
-            train_loss=float(totals[1] / max(1.0, totals[0])),
-            samples_per_s=float(totals[0] / (totals[2] / world)),
+            train_loss=total_loss / max(1.0, total_seen),
+            samples_per_s=total_seen / (total_s / world),
             lr=scheduler.get_last_lr()[0],
             epoch_s=time.perf_counter() - started,  # training and validation
             resumed_from_epoch=first_epoch - 1,
@@ -155,15 +171,16 @@ def _evaluate(model, backbone, dataset, num_labels, tcfg, autocast, inputs_of) -
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     model.eval()
-    tally = ClassificationTally(num_labels)
+    device = ray.train.torch.get_device()  # the backend's device: NCCL reduces only CUDA tensors
+    tally = ClassificationTally(num_labels, device=device)
     for index, batch in enumerate(_batches(dataset, tcfg.batch_size, None)):
         if index % world != rank:
             continue
         inputs = inputs_of(batch, "validation")
         with autocast:
             logits = backbone.logits(model, inputs).float()
-        tally.add(logits.cpu(), torch.tensor(batch["label"]))
-    tally.reduce(_all_reduce)
+        tally.add(logits, torch.as_tensor(batch["label"], device=device))
+    tally.reduce(lambda flat: all_reduce_sum(flat, device))
     return tally.metrics(prefix="val_")
 
 
