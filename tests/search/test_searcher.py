@@ -38,7 +38,7 @@ def test_an_early_stopped_trial_is_pruned_even_at_its_first_result(searcher):
     epochs(searcher, "c", [0.7, 0.3], stopped_at_last_result=True)
     states = [t.state.name for t in searcher._ot_study.trials]
     assert states == ["PRUNED", "PRUNED"]
-    assert searcher._ot_study.trials[1].intermediate_values == {1: 0.7}
+    assert searcher._ot_study.trials[1].intermediate_values == {1: 0.7, 2: 0.3}  # the stop result too
 
 
 def test_a_failed_trial_is_failed(searcher):

@@ -10,11 +10,13 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pyarrow.parquet as pq
 import pytest
 
+from helpers import make_sentiment_rows, write_csv
 from tl_ray.cli.app import main
 
 TRIALS = 5
@@ -49,40 +51,67 @@ def write_inputs(tmp_path, tiny_bert, sentiment_csv, trials: int):
     return tmp_path / "run.yaml", tmp_path / "space.yaml"
 
 
-def complete_trials(folder) -> dict[int, float]:
-    """Finished trials, read without writing: optuna.load_study would race the search
-    process creating the schema (both insert alembic_version)."""
+def complete_trials(folder) -> dict[int, float | None]:
+    """Finished trials (COMPLETE with their value, or PRUNED: None), read without writing:
+    optuna.load_study would race the search process creating the schema (both insert
+    alembic_version)."""
     path = folder / "study.db"
     if not path.exists():
         return {}
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
             rows = db.execute(
-                "SELECT t.number, v.value FROM trials t JOIN trial_values v ON v.trial_id = t.trial_id"
-                " WHERE t.state = 'COMPLETE'"
+                "SELECT t.number, v.value FROM trials t LEFT JOIN trial_values v ON v.trial_id = t.trial_id"
+                " WHERE t.state IN ('COMPLETE', 'PRUNED')"
             ).fetchall()
     except sqlite3.OperationalError:  # tables not created yet, or the file is locked
         return {}
     return dict(rows)
 
 
+def part_way_trials(folder) -> set[int]:
+    """RUNNING trials that already reported an epoch (Optuna intermediate values), read-only."""
+    path = folder / "study.db"
+    if not path.exists():
+        return set()
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            rows = db.execute(
+                "SELECT DISTINCT t.number FROM trials t JOIN trial_intermediate_values v"
+                " ON v.trial_id = t.trial_id WHERE t.state = 'RUNNING'"
+            ).fetchall()
+    except sqlite3.OperationalError:
+        return set()
+    return {number for (number,) in rows}
+
+
+def study_of(folder) -> optuna.Study:
+    name = json.loads((folder / "search.json").read_text())["study"]
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{folder / 'study.db'}")
+
+
 @pytest.fixture(scope="module")
-def search(ray_session, tiny_bert, sentiment_csv, tmp_path_factory):
-    """A 5-trial search, interrupted with Ctrl-C after two trials finished, then resumed."""
+def search(ray_session, tiny_bert, tmp_path_factory):
+    """A 5-trial search whose driver is SIGKILLed (no handler runs) once a trial finished and
+    another is part-way through, then resumed with `tl-ray tune --resume`."""
     tmp_path = tmp_path_factory.mktemp("tune")
-    config, space = write_inputs(tmp_path, tiny_bert, sentiment_csv, trials=TRIALS)
+    data = write_csv(tmp_path / "data.csv", make_sentiment_rows(720))  # epochs long enough to kill in
+    config, space = write_inputs(tmp_path, tiny_bert, data, trials=TRIALS)
     folder = tmp_path / "search"
     first = subprocess.Popen(
         [sys.executable, "-m", "tl_ray", "tune", str(config), "--space", str(space)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+
     deadline = time.monotonic() + 600
-    while len(complete_trials(folder)) < 2 and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(1)
-    first.send_signal(signal.SIGINT)
-    first.wait(timeout=180)
+    while first.poll() is None and time.monotonic() < deadline:
+        if complete_trials(folder) and part_way_trials(folder):
+            break
+        time.sleep(0.1)
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
     before = complete_trials(folder)
-    assert 2 <= len(before) < TRIALS
+    assert 1 <= len(before) < TRIALS, "the search finished before a trial was part-way"
     code, lines = run_cli(["tune", "--resume", str(folder)])
     assert code == 0
     return folder, lines[-1], before
@@ -97,6 +126,34 @@ def test_resume_keeps_finished_trials_and_runs_only_the_rest(search):
     resumed_trials = list(launches[1].glob("_trial_*"))
     assert len(resumed_trials) == TRIALS - len(before)
     assert len(after) == TRIALS
+    study = study_of(folder)
+    sampled = [tuple(sorted(t.params.items())) for t in study.trials if t.state.name != "FAIL"]
+    assert len(set(sampled)) == len(sampled)  # the resumed sampler continued, it did not replay
+
+
+def test_an_interrupted_trial_continues_from_its_last_checkpoint(search):
+    """Optuna's heartbeat found the killed driver's trials; each was retried with its
+    parameters, and its Train run resumed from the last checkpoint, not from epoch 1."""
+    folder, _, _ = search
+    study = study_of(folder)
+    failed = [t for t in study.trials if t.state.name == "FAIL"]
+    retries = [t for t in study.trials if t.system_attrs.get("retry_history")]
+    assert failed and len(retries) == len(failed)
+    assert not [t for t in study.trials if t.state.name in ("RUNNING", "WAITING")]
+    rows = pq.read_table(folder / "trials.parquet").to_pylist()
+    assert not [r for r in rows if r["trial"] in {t.number for t in failed}]  # carried on by retries
+    first_launch = sorted(p.name for p in folder.glob("tune_*"))[0]
+    resumed_at = []
+    for retry in retries:
+        assert retry.params == study.trials[retry.system_attrs["retry_history"][0]].params
+        epochs = [r["epoch"] for r in rows if r["trial"] == retry.number]
+        assert epochs == sorted(set(epochs))  # no epoch written twice
+        before = [r["epoch"] for r in rows if r["trial"] == retry.number and r["launch"] == first_launch]
+        after = [r["epoch"] for r in rows if r["trial"] == retry.number and r["launch"] != first_launch]
+        assert not before or min(after) > max(before)
+        if min(after) > 1:
+            resumed_at.append(min(after))
+    assert resumed_at, "no retried trial continued from a checkpoint"
 
 
 def test_search_finishes_and_best_json_names_the_best_trial(search):
@@ -110,7 +167,25 @@ def test_search_finishes_and_best_json_names_the_best_trial(search):
         best_row["trial"], best_row["epoch"], best_row["val_loss"]
     )
     assert set(best["params"]) >= {"train.lr", "backbone.unfreeze_depth"}
-    assert (folder / "model" / "manifest.json").is_file()
+    # The space ranks by val_loss and keep_checkpoints is 1: the winning epoch's checkpoint
+    # was kept, and it (not a stale folder) is the exported model.
+    assert best["model"] == str(folder / "model")
+    exported = json.loads((folder / "model" / "manifest.json").read_text())
+    assert exported["epoch"] == best["epoch"]
+    assert exported["metrics"]["val_loss"] == pytest.approx(best["value"])
+
+
+def test_every_trial_keeps_its_best_epoch_under_the_space_metric(search):
+    """Trials rank checkpoints by the space's metric (val_loss), not train.metric's default."""
+    folder, _, _ = search
+    rows = [r for r in pq.read_table(folder / "trials.parquet").to_pylist() if r["status"] != "interrupted"]
+    by_trial: dict[int, list[dict]] = {}
+    for row in rows:
+        by_trial.setdefault(row["trial"], []).append(row)
+    for trial, trial_rows in by_trial.items():
+        best_row = min(trial_rows, key=lambda r: (r["val_loss"], -r["epoch"]))
+        ties = [r for r in trial_rows if r["val_loss"] == best_row["val_loss"]]
+        assert any(Path(r["checkpoint_path"]).is_dir() for r in ties), (trial, trial_rows)
 
 
 def test_asha_stopped_at_least_one_trial_early(search):
@@ -126,10 +201,25 @@ def test_asha_stopped_at_least_one_trial_early(search):
 
 def test_study_is_in_optuna_storage(search):
     folder, _, _ = search
-    study = optuna.load_study(study_name="tl-ray", storage=f"sqlite:///{folder / 'study.db'}")
+    study = study_of(folder)
     states = [t.state.name for t in study.trials]
-    assert states.count("COMPLETE") == TRIALS
-    assert all(t.user_attrs.get("interrupted") for t in study.trials if t.state.name == "FAIL")
+    assert states.count("COMPLETE") + states.count("PRUNED") == TRIALS
+    assert "PRUNED" in states  # ASHA's early stops are PRUNED in the study, not COMPLETE
+    # One score per trial: Optuna holds each complete trial's best epoch, as trials.parquet does.
+    rows = [r for r in pq.read_table(folder / "trials.parquet").to_pylist() if r["status"] != "interrupted"]
+    for trial in study.trials:
+        losses = [r["val_loss"] for r in rows if r["trial"] == trial.number]
+        if trial.state.name == "COMPLETE":
+            assert trial.value == pytest.approx(min(losses))
+            assert max(r["epoch"] for r in rows if r["trial"] == trial.number) == 3
+        elif trial.state.name == "PRUNED":
+            assert max(r["epoch"] for r in rows if r["trial"] == trial.number) < 3
+    best = json.loads((folder / "best.json").read_text())
+    best_trial = study.trials[best["trial"]]
+    if best_trial.state.name == "COMPLETE":
+        assert best_trial.value == pytest.approx(best["value"])
+    assert all(t.number in {n for r in study.trials for n in r.system_attrs.get("retry_history", [])}
+               for t in study.trials if t.state.name == "FAIL")  # failed only by the kill, and retried
     lr_decay_seen = [("backbone.lr_decay" in t.params) == (t.params["backbone.unfreeze_depth"] > 0) for t in study.trials]
     assert all(lr_decay_seen)
 
@@ -156,8 +246,17 @@ def test_invalid_space_fails_before_any_trial(tmp_path, tiny_bert, sentiment_csv
 
 def test_trials_sharing_a_depth_share_one_feature_cache(search):
     folder, _, _ = search
-    study = optuna.load_study(study_name="tl-ray", storage=f"sqlite:///{folder / 'study.db'}")
-    depths = {t.params["backbone.unfreeze_depth"] for t in study.trials if t.state.name == "COMPLETE"}
+    study = study_of(folder)
+    depths = {t.params["backbone.unfreeze_depth"] for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")}
     cacheable = {d for d in depths if d < 2}  # depth 2 of the tiny BERT's 2 layers: nothing frozen
     built = [json.loads(p.read_text())["boundary"] for p in folder.glob("cache/*/meta.json")]
     assert sorted(built) == sorted({0: "pooled", 1: "layer1"}[d] for d in cacheable)
+
+
+def test_a_space_sampling_a_per_search_key_fails_before_any_trial(tmp_path, tiny_bert, sentiment_csv, capsys):
+    config, space = write_inputs(tmp_path, tiny_bert, sentiment_csv, trials=2)
+    space.write_text(SPACE + "  data.validation_split: {type: float, low: 0.1, high: 0.3}\n", encoding="utf-8")
+    assert main(["tune", str(config), "--space", str(space)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: data.validation_split: cannot be searched"), err
+    assert not (tmp_path / "search").exists()

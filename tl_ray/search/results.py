@@ -1,7 +1,8 @@
 """Collect a search's per-epoch results into trials.parquet and best.json.
 
-Rows come from Ray Tune's `result.json` files (one JSON object per reported epoch) in every
-launch of the search, joined with the Optuna study's trial states.
+Rows come from the search's epoch log (`epochs.jsonl`, one JSON object per reported epoch,
+written by `progress.EpochLog` in every launch; searches from before it: Tune's `result.json`
+files), joined with the Optuna study's trial states.
 
 Example:
     >>> best = export_results(Path("runs/search"), study, "val_accuracy", "max", max_epochs=3)  # doctest: +SKIP
@@ -25,41 +26,52 @@ from tl_ray.train.checkpoint import export_model_folder
 __all__ = ["BEST_FILE", "TABLE_FILE", "export_results", "read_trials"]
 
 TABLE_FILE = "trials.parquet"
+LOG_FILE = "epochs.jsonl"
 BEST_FILE = "best.json"
 _METRICS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_f1", "samples_per_s", "lr")
 
 
+def _records(folder: Path):
+    """Every reported epoch, in the order the driver saw them."""
+    log = folder / LOG_FILE
+    files = [log] if log.is_file() else sorted(folder.glob("tune_*/*/result.json"))
+    for path in files:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:  # a blank line, or one torn by a killed driver
+                continue
+
+
 def _rows(folder: Path) -> list[dict[str, Any]]:
     rows = []
-    for result_file in sorted(folder.glob("tune_*/*/result.json")):
-        for line in result_file.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            config = dict(record.get("config", {}))
-            if "epoch" not in record or "optuna_trial" not in config:
-                continue
-            rows.append(
-                {
-                    "trial": int(config.pop("optuna_trial")),
-                    "tune_trial_id": record.get("trial_id"),
-                    **{m: record.get(m) for m in _METRICS},
-                    "checkpoint_path": record.get("checkpoint_path"),
-                    "params": json.dumps(config, sort_keys=True),
-                    **{f"param.{k}": v for k, v in config.items()},
-                }
-            )
+    for record in _records(folder):
+        config = dict(record.get("config", {}))
+        if "epoch" not in record or "optuna_trial" not in config:
+            continue
+        config.pop("train_run", None)  # the Train run name, not a parameter
+        rows.append(
+            {
+                "trial": int(config.pop("optuna_trial")),
+                "tune_trial_id": record.get("trial_id"),
+                "launch": record.get("launch"),
+                **{m: record.get(m) for m in _METRICS},
+                "checkpoint_path": record.get("checkpoint_path"),
+                "params": json.dumps(config, sort_keys=True),
+                **{f"param.{k}": v for k, v in config.items()},
+            }
+        )
     return rows
 
 
 def _status(study) -> dict[int, str]:
-    statuses = {}
-    for trial in study.get_trials(deepcopy=False):
-        state = trial.state.name.lower()
-        if trial.user_attrs.get("interrupted"):
-            state = "interrupted"
-        statuses[trial.number] = state
-    return statuses
+    from tl_ray.search.study import interrupted_numbers
+
+    interrupted = interrupted_numbers(study)
+    return {
+        trial.number: "interrupted" if trial.number in interrupted else trial.state.name.lower()
+        for trial in study.get_trials(deepcopy=False)
+    }
 
 
 def _write_table(rows: list[dict[str, Any]], path: Path) -> None:
@@ -87,8 +99,17 @@ def _on_disk(path: str | None) -> bool:
 
 def export_results(folder: Path, study, metric: str, mode: str, *, max_epochs: int) -> dict[str, Any]:
     """Write trials.parquet and best.json, export the best model; return best.json's content."""
+    from tl_ray.search.study import successors
+
     statuses = _status(study)
-    rows = _rows(folder)
+    # An interrupted trial's retry continued its Train run: its epochs are the retry's, and an
+    # epoch reported in two launches counts once (the later one).
+    successor = successors(study)
+    unique: dict[tuple[int, int], dict[str, Any]] = {}
+    for row in _rows(folder):
+        row["trial"] = successor.get(row["trial"], row["trial"])
+        unique[row["trial"], row["epoch"]] = row
+    rows = sorted(unique.values(), key=lambda r: (r["trial"], r["epoch"]))
     last_epoch: dict[int, int] = {}
     for row in rows:
         last_epoch[row["trial"]] = max(last_epoch.get(row["trial"], 0), row["epoch"])
@@ -106,6 +127,7 @@ def export_results(folder: Path, study, metric: str, mode: str, *, max_epochs: i
     # Ties go to a row whose checkpoint still exists (Ray keeps only the best N), then the later epoch.
     best = max(scored, key=lambda r: (sign * r[metric], _on_disk(r["checkpoint_path"]), r["epoch"]))
     summary = {
+        "study": study.study_name,
         "trial": best["trial"],
         "epoch": best["epoch"],
         "metric": metric,

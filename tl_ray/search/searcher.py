@@ -42,6 +42,10 @@ class BestEpochOptunaSearch(OptunaSearch):
         self._best: dict[str, float] = {}
         self._last_epoch: dict[str, int] = {}
 
+    def live_numbers(self) -> list[int]:
+        """Optuna numbers of the trials this searcher started that have not finished."""
+        return [t.number for tid, t in list(self._ot_trials.items()) if tid not in self._completed_trials]
+
     def _better(self, value: float, than: float | None) -> bool:
         return than is None or (value > than if self._mode == "max" else value < than)
 
@@ -52,13 +56,44 @@ class BestEpochOptunaSearch(OptunaSearch):
         if (result or {}).get(self._epoch_attr) is not None:
             self._last_epoch[trial_id] = int(result[self._epoch_attr])
 
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        if config is not None and trial_id in self._ot_trials:
+            self._first_heartbeat(self._ot_trials[trial_id].number)
+            self._inherit(trial_id)
+        return config
+
+    def _first_heartbeat(self, number: int) -> None:
+        """A trial has a heartbeat from the moment it is asked, so a driver killed before the
+        heartbeat thread saw it still leaves a trial that goes stale (and is retried)."""
+        storage = self._storage
+        if hasattr(storage, "record_heartbeat") and storage.get_heartbeat_interval():
+            study_id = storage.get_study_id_from_name(self._study_name)
+            storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(study_id, number))
+
+    def _inherit(self, trial_id: str) -> None:
+        """A retry of an interrupted trial continues its run: it takes over its epochs."""
+        trial = self._ot_trials[trial_id]
+        frozen = next((t for t in self._ot_study.get_trials(deepcopy=False) if t.number == trial.number), None)
+        done = self._ot_study.get_trials(deepcopy=False)
+        for number in frozen.system_attrs.get("retry_history", []) if frozen is not None else []:
+            for epoch, value in sorted(done[number].intermediate_values.items()):
+                trial.report(value, epoch)
+                self._track(trial_id, {self._metric: value})
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        super().on_trial_result(trial_id, result)
+        """Optuna's intermediate values are keyed by epoch (a resumed run starts past 1)."""
+        if trial_id in self._completed_trials or result.get(self._metric) is None:
+            return
+        epoch = int(result[self._epoch_attr])
+        if self._last_epoch.get(trial_id) != epoch:  # Tune may hand the last result twice
+            self._ot_trials[trial_id].report(result[self._metric], epoch)
         self._track(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        # The result on which ASHA stops a trial reaches only this hook, not on_trial_result.
-        self._track(trial_id, result)
+        # The result on which ASHA stops a trial (or the last, at max_t) reaches only this hook.
+        if not error and trial_id in self._ot_trials and trial_id not in self._completed_trials:
+            self.on_trial_result(trial_id, result or {})
         if error or trial_id in self._completed_trials or trial_id not in self._best:
             super().on_trial_complete(trial_id, result, error)
             return

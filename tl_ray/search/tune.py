@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -25,35 +26,43 @@ import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search.optuna import OptunaSearch
 
 from tl_ray.backbones.registry import get_backbone
 from tl_ray.config import RunConfig, SearchConfig, apply_overrides, parse_config
 from tl_ray.data import Datasets, load_datasets
 from tl_ray.errors import ConfigError, TLRayError
 from tl_ray.io import write_json_atomic
-from tl_ray.search.progress import SearchProgress
-from tl_ray.search.results import BEST_FILE, export_results
+from tl_ray.search.progress import EpochLog, SearchProgress
+from tl_ray.search.results import BEST_FILE, LOG_FILE, export_results
+from tl_ray.search.searcher import BestEpochOptunaSearch, continued_seed
+from tl_ray.search.study import (
+    Heartbeat,
+    finished_trials,
+    interrupted_numbers,
+    open_study,
+    run_name_of,
+    settle_stale_trials,
+)
 from tl_ray.search.space import SearchSpace, flatten, parse_space, to_overrides, validate_against
 from tl_ray.storage import check_reachable, fetch_checkpoint, is_uri, storage_location
 from tl_ray.train.checkpoint import export_model_folder
-from tl_ray.train.driver import build_trainer, ensure_ray
+from tl_ray.train.driver import build_trainer, ensure_ray, run_name
 
 __all__ = ["SEARCH_FILE", "STUDY_NAME", "max_concurrent_trials", "resume_search", "run_search"]
 
 SEARCH_FILE = "search.json"
-STUDY_NAME = "tl-ray"
+STUDY_NAME = "tl-ray"  # the study of searches from before search.json named one
 TRIAL_KEY = "optuna_trial"
+RUN_KEY = "train_run"  # the trial's Ray Train run name, carried in each Tune trial's config
 # The trial function only launches its Train run, whose workers hold the CPUs. It asks for a
 # little logical memory and no CPU, so N trials of W workers fit exactly on N x W CPUs.
-TRIAL_DRIVER_RESOURCES = {"memory": 64 * 1024**2}  # the Optuna trial number, carried in each Tune trial's config
+TRIAL_DRIVER_RESOURCES = {"memory": 64 * 1024**2}
 
 
-def _sampler(options: SearchConfig):
+def _sampler(options: SearchConfig, seed: int):
     """A fixed mapping from the config's sampler name to an Optuna sampler."""
     import optuna
 
-    seed = options.seed
     factories: dict[str, Callable[[], Any]] = {
         "tpe": lambda: optuna.samplers.TPESampler(
             seed=seed, multivariate=True, group=True, constant_liar=True
@@ -94,15 +103,15 @@ def _trial(
     params: dict[str, Any], *, base: dict[str, Any], datasets: Datasets, trials_dir: str, cache_dir: str
 ) -> None:
     """One Tune trial: apply the sampled overrides and run Ray Train, reporting to Tune."""
-    sampled = {k: v for k, v in params.items() if k != TRIAL_KEY}
+    sampled = {k: v for k, v in params.items() if k not in (TRIAL_KEY, RUN_KEY)}
     cfg = parse_config(apply_overrides(base, to_overrides(sampled)))
     trainer = build_trainer(
         cfg,
         datasets,
         storage_path=trials_dir,
-        name=tune.get_context().get_trial_id(),
+        name=params[RUN_KEY],  # a retry of an interrupted trial continues its Train run
         callbacks=[TuneReportCallback()],
-        cache_dir=Path(cache_dir),  # shared by trials with the same boundary
+        cache_dir=cache_dir,  # shared by trials with the same boundary
     )
     trainer.fit()
 
@@ -116,44 +125,11 @@ class _DefineByRun:
 
     def __call__(self, trial) -> dict[str, Any]:
         self.space.sample(trial, self.fixed)
-        return {TRIAL_KEY: trial.number}
+        return {TRIAL_KEY: trial.number, RUN_KEY: run_name_of(trial)}
 
 
 def _storage_url(cfg: RunConfig, folder: Path) -> str:
     return cfg.search.storage or f"sqlite:///{folder / 'study.db'}"
-
-
-def _open_study(url: str, mode: str):
-    import optuna
-
-    direction = "maximize" if mode == "max" else "minimize"
-    try:
-        storage = optuna.storages.RDBStorage(url)
-    except Exception as error:  # SQLAlchemy raises many types for a bad URL
-        raise ConfigError(f"search.storage: cannot open {url!r}: {str(error).splitlines()[0]}") from None
-    study = optuna.create_study(
-        storage=storage, study_name=STUDY_NAME, direction=direction, load_if_exists=True
-    )
-    return storage, study
-
-
-def _finished_and_interrupted(study) -> tuple[int, int]:
-    """Count trials already done; trials left RUNNING by an interruption become FAIL."""
-    from optuna.trial import TrialState
-
-    interrupted = 0
-    for trial in study.get_trials(deepcopy=False):
-        if trial.state == TrialState.RUNNING:
-            study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-            interrupted += 1
-    done = sum(
-        1
-        for t in study.get_trials(deepcopy=False)
-        if t.state == TrialState.COMPLETE
-        or (t.state == TrialState.FAIL and not t.user_attrs.get("interrupted"))
-    )
-    return done, interrupted
 
 
 def run_search(
@@ -178,11 +154,12 @@ def run_search(
     ensure_ray(address)
     max_concurrent_trials(cfg, ray.cluster_resources())  # can the cluster hold one trial?
     folder.mkdir(parents=True, exist_ok=True)
+    study = f"{STUDY_NAME}-{folder.name}-{uuid.uuid4().hex[:8]}"  # its own, in a shared storage
     write_json_atomic(
         folder / SEARCH_FILE,
-        {"config": cfg.model_dump(), "space": space.to_dict(), "created": time.time()},
+        {"config": cfg.model_dump(), "space": space.to_dict(), "study": study, "created": time.time()},
     )
-    return _launch(cfg, space, folder, address=address, echo=echo)
+    return _launch(cfg, space, folder, study, address=address, echo=echo)
 
 
 def resume_search(
@@ -202,21 +179,28 @@ def resume_search(
     if trials is not None:
         raw = apply_overrides(raw, [f"search.trials={trials}"])
     cfg = parse_config(raw)
-    return _launch(cfg, parse_space(saved["space"]), folder, address=address, echo=echo)
+    study = saved.get("study", STUDY_NAME)
+    return _launch(cfg, parse_space(saved["space"]), folder, study, address=address, echo=echo)
 
 
-def _launch(cfg: RunConfig, space: SearchSpace, folder: Path, *, address, echo) -> dict[str, Any]:
+def _launch(cfg: RunConfig, space: SearchSpace, folder: Path, study_name: str, *, address, echo) -> dict[str, Any]:
+    # best.json ranks epochs by the space's metric: each trial must keep its checkpoints by
+    # the same metric, or the winning epoch's checkpoint may already be deleted.
+    cfg = parse_config(apply_overrides(cfg.model_dump(), [f"train.metric={space.metric}"]))
     options = cfg.search
-    storage, study = _open_study(_storage_url(cfg, folder), space.mode)
-    done, interrupted = _finished_and_interrupted(study)
-    remaining = options.trials - done
-    if interrupted:
-        echo(f"resuming: {done} trials finished, {interrupted} interrupted (will be re-sampled)")
+    storage, study = open_study(_storage_url(cfg, folder), study_name, space.mode)
+    if study.get_trials(deepcopy=False):
+        alive = settle_stale_trials(study)  # a dead driver's trials: failed, retries queued
+        done, interrupted = finished_trials(study), len(interrupted_numbers(study))
+        echo(f"resuming: {done} trials finished, {interrupted} interrupted (each continues from "
+             "its last checkpoint)" + (f", {alive} still running elsewhere" if alive else ""))
+    remaining = options.trials - finished_trials(study)
     if remaining > 0:
         datasets = load_datasets(cfg.data, seed=cfg.train.seed)
         ensure_ray(address)
         check_reachable(_trials_location(cfg, folder))  # every node writes checkpoints there
-        _run_tuner(cfg, space, folder, storage, remaining, datasets, echo)
+        seed = continued_seed(options.seed, len(study.get_trials(deepcopy=False)))
+        _run_tuner(cfg, space, folder, storage, remaining, datasets, echo, seed, study_name)
     best = export_results(folder, study, space.metric, space.mode, max_epochs=cfg.train.epochs)
     return _fetch_best_model(cfg, folder, best)
 
@@ -236,16 +220,17 @@ def _fetch_best_model(cfg: RunConfig, folder: Path, best: dict[str, Any]) -> dic
     return best
 
 
-def _run_tuner(cfg, space, folder, storage, remaining, datasets, echo) -> None:
+def _run_tuner(cfg, space, folder, storage, remaining, datasets, echo, seed, study_name) -> None:
     options = cfg.search
     concurrency = min(max_concurrent_trials(cfg, ray.cluster_resources()), remaining)
-    searcher = OptunaSearch(
+    searcher = BestEpochOptunaSearch(
         space=_DefineByRun(space, flatten(cfg.model_dump())),
         metric=space.metric,
         mode=space.mode,
-        sampler=_sampler(options),
-        study_name=STUDY_NAME,
+        sampler=_sampler(options, seed),  # a resumed search continues, it does not replay
+        study_name=study_name,
         storage=storage,
+        max_epochs=cfg.train.epochs,
     )
     scheduler = (
         ASHAScheduler(
@@ -258,12 +243,13 @@ def _run_tuner(cfg, space, folder, storage, remaining, datasets, echo) -> None:
         else FIFOScheduler()
     )
     echo(f"searching {remaining} trials, {concurrency} at a time, sampler {options.sampler}")
+    launch = run_name("tune")
     trainable = tune.with_parameters(
         _trial,
         base=cfg.model_dump(),
         datasets=datasets,
         trials_dir=_trials_location(cfg, folder),  # may be a URI (storage_path)
-        cache_dir=str(folder / "cache"),
+        cache_dir=storage_location(cfg.storage_path, folder).rstrip("/") + "/cache",
     )
     tuner = tune.Tuner(
         tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES),
@@ -276,13 +262,15 @@ def _run_tuner(cfg, space, folder, storage, remaining, datasets, echo) -> None:
             max_concurrent_trials=concurrency,
         ),
         run_config=tune.RunConfig(
-            name=time.strftime("tune_%Y-%m-%d_%H-%M-%S"),
+            name=launch,
             storage_path=str(folder),
-            callbacks=[SearchProgress(space.metric, space.mode, cfg.train.epochs, echo)],
+            callbacks=[SearchProgress(space.metric, space.mode, cfg.train.epochs, echo),
+                       EpochLog(folder / LOG_FILE, launch)],  # fmt: skip
             verbose=0,
         ),
     )
-    grid = tuner.fit()
+    with Heartbeat(storage, study_name, searcher.live_numbers):  # tells the trials' driver is alive
+        grid = tuner.fit()
     errors = [r.error for r in grid if r.error is not None]
     if errors and len(errors) == len(grid):
         raise TLRayError(f"every trial failed; the first error: {str(errors[0]).splitlines()[-1]}")
