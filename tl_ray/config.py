@@ -214,6 +214,10 @@ class SearchConfig(_Strict):
     reduction_factor: int = Field(default=2, ge=2)
     max_concurrent_trials: int | None = Field(default=None, ge=1)
     storage: str | None = None  # SQLAlchemy URL; default: sqlite file in the output folder
+    # How a trial trains: "in-process" runs the one-worker loop in the Tune trial's own process
+    # (no Train run to start per trial); "ray-train" gives every trial its own Ray Train run
+    # (TorchTrainer / TensorflowTrainer); "auto" is in-process when train.num_workers is 1.
+    trial_runner: Literal["auto", "in-process", "ray-train"] = "auto"
 
 
 class RunConfig(_Strict):

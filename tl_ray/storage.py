@@ -36,11 +36,13 @@ __all__ = [
     "check_reachable",
     "download_folder",
     "fetch_checkpoint",
+    "filesystem_of",
     "is_uri",
     "publish_folder",
     "read_text",
     "resolve_storage",
     "storage_location",
+    "write_text",
 ]
 
 log = logging.getLogger("tl_ray.storage")
@@ -156,7 +158,7 @@ def storage_location(storage_path: str | None, output: str | os.PathLike) -> str
     return resolve_storage(storage_path) if storage_path else str(Path(output).expanduser().resolve())
 
 
-def _filesystem(location: str) -> tuple[Any, str]:
+def filesystem_of(location: str) -> tuple[Any, str]:
     """pyarrow's filesystem for `location` and the path inside it (a plain path: local)."""
     import pyarrow.fs
 
@@ -169,11 +171,31 @@ def read_text(location: str, name: str) -> str | None:
     """The text of file `name` in folder `location` (a path or a URI), or None if absent."""
     import pyarrow.fs
 
-    filesystem, path = _filesystem(location)
+    filesystem, path = filesystem_of(location)
     if filesystem.get_file_info(f"{path}/{name}").type != pyarrow.fs.FileType.File:
         return None
     with filesystem.open_input_stream(f"{path}/{name}") as stream:
         return stream.read().decode("utf-8")
+
+
+def write_text(location: str, name: str, text: str) -> None:
+    """Write file `name` in folder `location` whole: a temp file and a rename on a local or
+    NFS path, one object put (never seen half-written) on an object store."""
+    import pyarrow.fs
+
+    filesystem, path = filesystem_of(location)
+    if isinstance(filesystem, pyarrow.fs.LocalFileSystem):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        tmp = Path(path) / f".{name}.{uuid.uuid4().hex}.tmp"
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, Path(path) / name)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+    filesystem.create_dir(path, recursive=True)
+    with filesystem.open_output_stream(f"{path}/{name}") as stream:
+        stream.write(text.encode("utf-8"))
 
 
 def publish_folder(folder: Path, location: str, *, marker: str) -> bool:
@@ -187,7 +209,7 @@ def publish_folder(folder: Path, location: str, *, marker: str) -> bool:
     """
     import pyarrow.fs
 
-    filesystem, path = _filesystem(location)
+    filesystem, path = filesystem_of(location)
     if read_text(location, marker) is not None:
         return False
     if isinstance(filesystem, pyarrow.fs.LocalFileSystem):  # a local disk or an NFS mount
@@ -237,7 +259,7 @@ def download_folder(location: str, target: Path) -> None:
     """Copy the folder at `location` (a path or a URI) into the local folder `target`."""
     import pyarrow.fs
 
-    filesystem, path = _filesystem(location)
+    filesystem, path = filesystem_of(location)
     target.mkdir(parents=True, exist_ok=True)
     pyarrow.fs.copy_files(path, str(target), source_filesystem=filesystem,
                           destination_filesystem=pyarrow.fs.LocalFileSystem())  # fmt: skip

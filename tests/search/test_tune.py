@@ -38,12 +38,12 @@ def run_cli(argv):
     return code, lines
 
 
-def write_inputs(tmp_path, tiny_bert, sentiment_csv, trials: int):
+def write_inputs(tmp_path, tiny_bert, sentiment_csv, trials: int, batch_size: int = 16):
     (tmp_path / "space.yaml").write_text(SPACE, encoding="utf-8")
     (tmp_path / "run.yaml").write_text(
         f"data: {{path: {sentiment_csv}, validation_split: 0.25}}\n"
         f"backbone: {{kind: hf-text, name_or_path: {tiny_bert}, pooling: mean}}\n"
-        "train: {epochs: 3, batch_size: 16, max_length: 32, num_workers: 1}\n"
+        f"train: {{epochs: 3, batch_size: {batch_size}, max_length: 32, num_workers: 1}}\n"
         f"search: {{trials: {trials}, sampler: tpe, seed: 3, reduction_factor: 2, max_concurrent_trials: 2}}\n"
         f"output: {tmp_path / 'search'}\n",
         encoding="utf-8",
@@ -95,8 +95,9 @@ def search(ray_session, tiny_bert, tmp_path_factory):
     """A 5-trial search whose driver is SIGKILLed (no handler runs) once a trial finished and
     another is part-way through, then resumed with `tl-ray tune --resume`."""
     tmp_path = tmp_path_factory.mktemp("tune")
-    data = write_csv(tmp_path / "data.csv", make_sentiment_rows(720))  # epochs long enough to kill in
-    config, space = write_inputs(tmp_path, tiny_bert, data, trials=TRIALS)
+    # In-process trials of the tiny BERT: epochs of about 2 s, long enough to kill in.
+    data = write_csv(tmp_path / "data.csv", make_sentiment_rows(1440))
+    config, space = write_inputs(tmp_path, tiny_bert, data, trials=TRIALS, batch_size=8)
     folder = tmp_path / "search"
     first = subprocess.Popen(
         [sys.executable, "-m", "tl_ray", "tune", str(config), "--space", str(space)],

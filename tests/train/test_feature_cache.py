@@ -207,14 +207,14 @@ def test_a_half_published_cache_is_never_used(tiny_bert, sentiment_csv, tmp_path
 def _object_store(bucket: Path, monkeypatch) -> str:
     """`s3://bucket/...` served by a pyarrow filesystem that is not a LocalFileSystem, so
     publishing takes the object-store branch (no rename: data first, meta.json last)."""
-    real = storage._filesystem
+    real = storage.filesystem_of
 
     def filesystem(location: str):
         if location.startswith("s3://bucket/"):
             return pyarrow.fs.SubTreeFileSystem(str(bucket), pyarrow.fs.LocalFileSystem()), location[12:]
         return real(location)
 
-    monkeypatch.setattr(storage, "_filesystem", filesystem)
+    monkeypatch.setattr(storage, "filesystem_of", filesystem)
     bucket.mkdir()
     return "s3://bucket/cache"
 

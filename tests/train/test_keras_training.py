@@ -139,3 +139,30 @@ def test_evaluate_cli_scores_an_image_folder(trained):
     answers = Predictor(trained["result"]["model"]).predict(table["image"].to_pylist())
     right = sum(a["label"] == label for a, label in zip(answers, table["label"].to_pylist()))
     assert line["accuracy"] == pytest.approx(right / 60)
+
+
+def test_one_worker_keras_search_trains_in_the_trials_own_process(trained, tmp_path):
+    """In-process trials of a keras-image search: TensorFlow's default strategy (no TF_CONFIG),
+    two trials in turn in one reused trial process, both phases, checkpoints as a Train run's."""
+    space = tmp_path / "space.yaml"
+    space.write_text("metric: val_accuracy\nmode: max\nparams:\n"
+                     "  backbone.finetune_lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n")  # fmt: skip
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"data: {{path: {trained['root'] / 'digits'}, validation_split: 0.25}}\n"
+        "backbone: {kind: keras-image, architecture: MobileNetV2, alpha: 0.35, image_size: 32,\n"
+        "           unfreeze_depth: 2, head_epochs: 1, head_lr: 0.01}\n"
+        "train: {epochs: 2, batch_size: 8, num_workers: 1}\n"
+        "search: {trials: 2, sampler: random, early_stopping: false, max_concurrent_trials: 1}\n"
+        f"output: {tmp_path / 'search'}\n",
+        encoding="utf-8",
+    )
+    code, lines = _cli("tune", str(config), "--space", str(space))
+    assert code == 0 and lines[-1]["trials"] == 2
+    results = [json.loads(line) for path in (tmp_path / "search").glob("tune_*/*/result.json")
+               for line in path.read_text().splitlines() if line.strip()]  # fmt: skip
+    assert sorted((r["config"]["optuna_trial"], r["epoch"], r["phase"]) for r in results) == [
+        (0, 1, 1), (0, 2, 2), (1, 1, 1), (1, 2, 2)]
+    assert all(r["worker_pid"] == r["pid"] for r in results)
+    assert len({r["pid"] for r in results}) == 1  # the second trial reused the first's process
+    assert read_manifest(lines[-1]["model"])["backbone"]["kind"] == "keras-image"

@@ -8,7 +8,7 @@ fine-tuning). `mode: lora` trains peft LoRA adapters in the top k layers plus th
 from __future__ import annotations
 
 import os
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import torch
@@ -276,14 +276,27 @@ class HFTextBackbone(Backbone):
 
 
 def _digest_files(folder: str, patterns: tuple[str, ...]) -> str:
-    """sha256 over the named files of a model folder (a hub id hashes as its name)."""
+    """sha256 over the named files of a model folder (a hub id hashes as its name).
+
+    Hashed once per process for the same files (same names, sizes and modification times):
+    the trials of a search that run in one reused process do not read the weights again.
+    """
     import hashlib
 
-    digest = hashlib.sha256()
     root = Path(folder)
     if not root.is_dir():
         return hashlib.sha256(folder.encode()).hexdigest()
-    for path in sorted(p for pattern in patterns for p in root.glob(pattern)):
+    paths = sorted(p for pattern in patterns for p in root.glob(pattern))
+    return _digest_paths(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths))
+
+
+@lru_cache(maxsize=64)
+def _digest_paths(files: tuple[tuple[str, int, int], ...]) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, _, _ in files:
+        path = Path(name)
         digest.update(path.name.encode())
         with path.open("rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):

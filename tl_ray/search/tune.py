@@ -46,16 +46,17 @@ from tl_ray.search.study import (
 from tl_ray.search.space import SearchSpace, flatten, parse_space, to_overrides, validate_against
 from tl_ray.storage import check_reachable, fetch_checkpoint, is_uri, storage_location
 from tl_ray.train.checkpoint import export_model_folder
-from tl_ray.train.driver import build_trainer, ensure_ray, run_name
+from tl_ray.train.driver import build_trainer, ensure_ray, run_in_trial, run_name, worker_resources
 
-__all__ = ["SEARCH_FILE", "STUDY_NAME", "max_concurrent_trials", "resume_search", "run_search"]
+__all__ = ["SEARCH_FILE", "STUDY_NAME", "in_process", "max_concurrent_trials", "resume_search", "run_search"]
 
 SEARCH_FILE = "search.json"
 STUDY_NAME = "tl-ray"  # the study of searches from before search.json named one
 TRIAL_KEY = "optuna_trial"
 RUN_KEY = "train_run"  # the trial's Ray Train run name, carried in each Tune trial's config
-# The trial function only launches its Train run, whose workers hold the CPUs. It asks for a
-# little logical memory and no CPU, so N trials of W workers fit exactly on N x W CPUs.
+# A trial that only launches its Train run (whose workers hold the CPUs) asks for a little
+# logical memory and no CPU, so N trials of W workers fit exactly on N x W CPUs. A trial that
+# trains in its own process reserves its one worker's resources itself.
 TRIAL_DRIVER_RESOURCES = {"memory": 64 * 1024**2}
 
 
@@ -99,12 +100,39 @@ def max_concurrent_trials(cfg: RunConfig, resources: dict[str, float]) -> int:
     return max(1, min(slots, cfg.search.trials))
 
 
+def in_process(cfg: RunConfig) -> bool:
+    """Whether the search's trials run their loop in the trial's own process.
+
+    >>> in_process(parse_config({"data": {"path": "x"}})), in_process(parse_config(
+    ...     {"data": {"path": "x"}, "train": {"num_workers": 2}}))
+    (True, False)
+    """
+    runner = cfg.search.trial_runner
+    if runner == "in-process" and cfg.train.num_workers != 1:
+        raise ConfigError(f"search.trial_runner in-process needs train.num_workers 1, not "
+                          f"{cfg.train.num_workers}; use ray-train (or auto) for more workers")  # fmt: skip
+    return runner == "in-process" or (runner == "auto" and cfg.train.num_workers == 1)
+
+
 def _trial(
-    params: dict[str, Any], *, base: dict[str, Any], datasets: Datasets, trials_dir: str, cache_dir: str
+    params: dict[str, Any],
+    *,
+    base: dict[str, Any],
+    datasets: Datasets,
+    trials_dir: str,
+    cache_dir: str,
+    own_process: bool,
 ) -> None:
-    """One Tune trial: apply the sampled overrides and run Ray Train, reporting to Tune."""
+    """One Tune trial: apply the sampled overrides and train, reporting each epoch to Tune.
+
+    In its own process (`own_process`), else as a Ray Train run; both keep checkpoints under
+    TRIALS_DIR/<run name>, so a retry of an interrupted trial continues that run.
+    """
     sampled = {k: v for k, v in params.items() if k not in (TRIAL_KEY, RUN_KEY)}
     cfg = parse_config(apply_overrides(base, to_overrides(sampled)))
+    if own_process:
+        run_in_trial(cfg, datasets, storage_path=trials_dir, name=params[RUN_KEY], cache_dir=cache_dir)
+        return
     trainer = build_trainer(
         cfg,
         datasets,
@@ -242,7 +270,9 @@ def _run_tuner(cfg, space, folder, storage, remaining, datasets, echo, seed, stu
         if options.early_stopping
         else FIFOScheduler()
     )
-    echo(f"searching {remaining} trials, {concurrency} at a time, sampler {options.sampler}")
+    own_process = in_process(cfg)
+    runner = "in-process" if own_process else "a Ray Train run each"
+    echo(f"searching {remaining} trials, {concurrency} at a time ({runner}), sampler {options.sampler}")
     launch = run_name("tune")
     trainable = tune.with_parameters(
         _trial,
@@ -250,10 +280,12 @@ def _run_tuner(cfg, space, folder, storage, remaining, datasets, echo, seed, stu
         datasets=datasets,
         trials_dir=_trials_location(cfg, folder),  # may be a URI (storage_path)
         cache_dir=storage_location(cfg.storage_path, folder).rstrip("/") + "/cache",
+        own_process=own_process,
     )
     tuner = tune.Tuner(
-        tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES),
+        tune.with_resources(trainable, worker_resources(cfg) if own_process else TRIAL_DRIVER_RESOURCES),
         tune_config=tune.TuneConfig(
+            reuse_actors=True,  # the next trial skips a process start, imports, weight hashing
             metric=space.metric,
             mode=space.mode,
             search_alg=searcher,
@@ -266,6 +298,9 @@ def _run_tuner(cfg, space, folder, storage, remaining, datasets, echo, seed, stu
             storage_path=str(folder),
             callbacks=[SearchProgress(space.metric, space.mode, cfg.train.epochs, echo),
                        EpochLog(folder / LOG_FILE, launch)],  # fmt: skip
+            # A trial in its own process restarts after a crash and resumes from its last
+            # checkpoint; a Ray Train run restarts its own workers (train.max_failures).
+            failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures if own_process else 0),
             verbose=0,
         ),
     )

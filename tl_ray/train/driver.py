@@ -29,9 +29,9 @@ from tl_ray.errors import ConfigError, TLRayError
 from tl_ray.storage import check_reachable, fetch_checkpoint, storage_location
 from tl_ray.train.checkpoint import export_model_folder
 from tl_ray.train.feature_cache import ensure_cache, plan_cache
-from tl_ray.train.loop import train_loop_per_worker
+from tl_ray.train.loop import run_torch_loop, train_loop_per_worker
 
-__all__ = ["TrainOutcome", "build_trainer", "ensure_ray", "run_name", "train"]
+__all__ = ["TrainOutcome", "build_trainer", "ensure_ray", "run_in_trial", "run_name", "train", "worker_resources"]
 
 log = logging.getLogger("tl_ray.train")
 
@@ -92,6 +92,28 @@ def _trainer_and_loop(kind: str) -> tuple[Any, Callable[[dict[str, Any]], None]]
     return TorchTrainer, train_loop_per_worker
 
 
+def _loop_config(
+    cfg: RunConfig, datasets: Datasets, cache_dir: str | Path | None, *, inline: bool = False
+) -> dict[str, Any]:
+    """What the per-worker loop gets: the run, labels, training-set size and the cache.
+
+    With `cache_dir` (a path or URI every node reaches), the frozen bottom's output is
+    published there once (or reused) and each worker reads its node's copy of it instead of
+    running the frozen layers (see `feature_cache`).
+    """
+    cache = None
+    if cache_dir is not None:
+        plan = plan_cache(cfg, datasets, cache_dir)  # published there: a shared path or a URI
+        location = plan and ensure_cache(plan, cfg, datasets, inline=inline)
+        cache = location and {"location": location, "key": plan.key}  # FeatureCache.open(**cache)
+    return {
+        "run": cfg.model_dump(),
+        "labels": list(datasets.labels.labels),
+        "train_rows": datasets.train.num_rows,
+        "cache": cache,
+    }
+
+
 def build_trainer(
     cfg: RunConfig,
     datasets: Datasets,
@@ -101,34 +123,20 @@ def build_trainer(
     callbacks: list[Any] | None = None,
     cache_dir: str | Path | None = None,
 ) -> TorchTrainer:
-    """A TorchTrainer for `cfg`: datasets stream to workers through Ray Data.
-
-    With `cache_dir` (a path or URI every node reaches), the frozen bottom's output is
-    published there once (or reused) and each worker reads its node's copy of it instead of
-    running the frozen layers (see `feature_cache`).
-    """
+    """A TorchTrainer (TensorflowTrainer for Keras kinds) for `cfg`: datasets stream to the
+    workers through Ray Data; checkpoints go to STORAGE_PATH/NAME."""
     tcfg = cfg.train
     data_context = ray.data.DataContext.get_current()
     data_context.enable_progress_bars = False
     data_context.print_on_execution_start = False
-    cache = None
-    if cache_dir is not None:
-        plan = plan_cache(cfg, datasets, cache_dir)  # published there: a shared path or a URI
-        location = plan and ensure_cache(plan, cfg, datasets)
-        cache = location and {"location": location, "key": plan.key}  # FeatureCache.open(**cache)
     trainer_class, loop = _trainer_and_loop(cfg.backbone.kind)  # Keras kinds: TensorflowTrainer
     return trainer_class(
         loop,
-        train_loop_config={
-            "run": cfg.model_dump(),
-            "labels": list(datasets.labels.labels),
-            "train_rows": datasets.train.num_rows,
-            "cache": cache,
-        },
+        train_loop_config=_loop_config(cfg, datasets, cache_dir),
         scaling_config=ray.train.ScalingConfig(
             num_workers=tcfg.num_workers,
             use_gpu=tcfg.use_gpu,
-            resources_per_worker={"CPU": tcfg.cpus_per_worker, **({"GPU": 1} if tcfg.use_gpu else {})},
+            resources_per_worker=worker_resources(cfg),
         ),
         run_config=ray.train.RunConfig(
             name=name,
@@ -147,6 +155,44 @@ def build_trainer(
             "validation": ray.data.from_arrow(_numbered(datasets.validation)),
         },
     )
+
+
+def worker_resources(cfg: RunConfig) -> dict[str, float]:
+    """What one training worker reserves: {"CPU": cpus_per_worker} (+ {"GPU": 1} with use_gpu).
+
+    >>> from tl_ray.config import parse_config
+    >>> worker_resources(parse_config({"data": {"path": "x"}, "train": {"use_gpu": True}}))
+    {'CPU': 1.0, 'GPU': 1}
+    """
+    return {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
+
+
+def run_in_trial(
+    cfg: RunConfig, datasets: Datasets, *, storage_path: str, name: str, cache_dir: str | Path | None = None
+) -> None:
+    """Run the one-worker loop in this Tune trial's own process (no Train run to start).
+
+    Checkpoints go to STORAGE_PATH/NAME in the layout a Train run of that name uses, and the
+    loop resumes from the latest one there, so a retried trial continues where it stopped.
+    Each epoch reaches Tune through `ray.tune.report`, with `checkpoint_path`.
+    """
+    from tl_ray.train.session import CheckpointStore, TrialSession
+
+    tcfg = cfg.train
+    if tcfg.num_workers != 1:
+        raise ConfigError(f"a trial runs in its own process only with train.num_workers 1, "
+                          f"not {tcfg.num_workers}")  # fmt: skip
+    store = CheckpointStore(f"{storage_path.rstrip('/')}/{name}", keep=tcfg.keep_checkpoints,
+                            metric=tcfg.metric, mode=tcfg.metric_mode)  # fmt: skip
+    tables = {"train": _numbered(datasets.train), "validation": _numbered(datasets.validation)}
+    session = TrialSession(tables, store, cpus=tcfg.cpus_per_worker)
+    config = _loop_config(cfg, datasets, cache_dir, inline=True)  # this process holds the CPUs
+    if cfg.backbone.kind in KERAS_KINDS:
+        from tl_ray.train.keras_loop import run_keras_loop
+
+        run_keras_loop(config, session)
+    else:
+        run_torch_loop(config, session)
 
 
 def run_name(prefix: str = "train") -> str:

@@ -127,22 +127,30 @@ def _meta(location: str | Path, key: str) -> dict[str, Any] | None:
     return meta if meta is not None and meta.get("key") == key else None
 
 
-def ensure_cache(plan: CachePlan, cfg: "RunConfig", datasets: "Datasets") -> str | None:
-    """The published cache's location: reused if there, else built by a Ray task; None if too big."""
+def ensure_cache(plan: CachePlan, cfg: "RunConfig", datasets: "Datasets", *, inline: bool = False) -> str | None:
+    """The published cache's location: reused if there, else built; None if too big.
+
+    It is built by a Ray task with a worker's resources, or `inline` in this process when
+    this process already holds them (a one-worker trial run in its own process: a task
+    would wait for CPUs that the running trials hold).
+    """
     import ray
 
     if _meta(plan.location, plan.key) is not None:
         log.info("frozen-prefix cache: reusing %s", plan.location)
         return plan.location
     tcfg = cfg.train
-    task = ray.remote(build_cache).options(
-        num_cpus=tcfg.cpus_per_worker,
-        num_gpus=1 if tcfg.use_gpu else 0,
-        scheduling_strategy="DEFAULT",  # not inside a Tune trial's placement group
-    )
     tables = {name: getattr(datasets, name).select(["text"]) for name in SPLITS}
     started = time.perf_counter()
-    location = ray.get(task.remote(plan, cfg.model_dump(), tables, len(datasets.labels)))
+    if inline:
+        location = build_cache(plan, cfg.model_dump(), tables, len(datasets.labels))
+    else:
+        task = ray.remote(build_cache).options(
+            num_cpus=tcfg.cpus_per_worker,
+            num_gpus=1 if tcfg.use_gpu else 0,
+            scheduling_strategy="DEFAULT",  # not inside a Tune trial's placement group
+        )
+        location = ray.get(task.remote(plan, cfg.model_dump(), tables, len(datasets.labels)))
     if location is not None:
         meta = _meta(location, plan.key) or {"bytes": 0}
         log.info(

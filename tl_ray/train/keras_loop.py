@@ -30,7 +30,6 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
-import ray.train  # noqa: E402
 
 from tl_ray.backbones.registry import get_backbone  # noqa: E402
 from tl_ray.config import parse_config  # noqa: E402
@@ -38,37 +37,44 @@ from tl_ray.data import LabelMap  # noqa: E402
 from tl_ray.errors import ConfigError  # noqa: E402
 from tl_ray.images import read_images  # noqa: E402
 from tl_ray.train.checkpoint import read_manifest, write_model_folder  # noqa: E402
+from tl_ray.train.session import TrainSession  # noqa: E402
 
-__all__ = ["keras_train_loop_per_worker"]
+__all__ = ["keras_train_loop_per_worker", "run_keras_loop"]
 
 log = logging.getLogger("tl_ray.train")
 
 
 def keras_train_loop_per_worker(config: dict[str, Any]) -> None:
     """Fine-tune a keras-image backbone; `config` as for the torch loop (run, labels, train_rows)."""
+    run_keras_loop(config, TrainSession())
+
+
+def run_keras_loop(config: dict[str, Any], session: Any) -> None:
+    """The loop itself, in `session` (a TrainSession, or a TrialSession: one worker, no TF_CONFIG)."""
     import tensorflow as tf
     import tf_keras as keras
 
     # -- setup (the strategy first: it reads TF_CONFIG, set by Ray, before any TF op) --------
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    # A trial in its own process is one worker with no TF_CONFIG, and may train several
+    # trials in turn (a reused actor): TensorFlow's default strategy, no collectives.
+    strategy = tf.distribute.MultiWorkerMirroredStrategy() if session.distributed else tf.distribute.get_strategy()
     cfg = parse_config(config["run"])
     tcfg = cfg.train
     labels = LabelMap(tuple(config["labels"]))
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    world = session.world
     keras.utils.set_random_seed(tcfg.seed)
     backbone = get_backbone(cfg.backbone)
 
     # -- data -------------------------------------------------------------------------------
     size = cfg.backbone.image_size
-    x_train, y_train = _materialize(ray.train.get_dataset_shard("train"), size)
-    x_val, y_val = _materialize(ray.train.get_dataset_shard("validation"), size)
+    x_train, y_train = _materialize(session.shard("train"), size)
+    x_val, y_val = _materialize(session.shard("validation"), size)
     if len(x_train) == 0:
         raise ConfigError(f"train.num_workers ({world}) is larger than the training set "
                           f"({config['train_rows']} images); lower train.num_workers")
 
     # -- model (fresh, or resumed from the last reported checkpoint) ------------------------
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.checkpoint()
     first_epoch = 1
     with strategy.scope():
         if checkpoint is None:
@@ -108,7 +114,7 @@ def keras_train_loop_per_worker(config: dict[str, Any]) -> None:
         elapsed = time.perf_counter() - started
 
         plain.set_weights(model.get_weights())  # every worker, same point: a collective read
-        metrics = _evaluate(tf, strategy, plain, backbone, x_val, y_val, len(labels), tcfg.batch_size)
+        metrics = _evaluate(tf, strategy, session, plain, backbone, x_val, y_val, len(labels), tcfg.batch_size)
         metrics.update(
             epoch=epoch,
             phase=1 if phase == "head" else 2,
@@ -117,8 +123,9 @@ def keras_train_loop_per_worker(config: dict[str, Any]) -> None:
             epoch_s=time.perf_counter() - started,  # training (with any feature caching) + validation
             lr=backbone.learning_rate(phase),
             resumed_from_epoch=first_epoch - 1,
+            worker_pid=os.getpid(),
         )
-        _report(metrics, rank, backbone, plain, labels, epoch, cfg)
+        _report(session, metrics, backbone, plain, labels, epoch, cfg)
 
 
 def _materialize(shard: Any, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -165,7 +172,7 @@ def _epoch_data(tf, strategy, x: np.ndarray, y: np.ndarray, preprocess: Any, bat
     return strategy.distribute_datasets_from_function(lambda _: dataset.prefetch(2))
 
 
-def _evaluate(tf, strategy, model, backbone, x, y, num_labels, batch_size) -> dict[str, float]:
+def _evaluate(tf, strategy, session, model, backbone, x, y, num_labels, batch_size) -> dict[str, float]:
     """Exact metrics over the whole validation set: worker r scores batches r, r+W, ...
 
     The same tally as the torch loop's, summed across workers by a strategy all-reduce.
@@ -174,8 +181,7 @@ def _evaluate(tf, strategy, model, backbone, x, y, num_labels, batch_size) -> di
 
     from tl_ray.train.metrics import ClassificationTally
 
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    rank, world = session.rank, session.world
     tally = ClassificationTally(num_labels)
     for index, start in enumerate(range(0, len(x), batch_size)):
         if index % world != rank:
@@ -184,6 +190,8 @@ def _evaluate(tf, strategy, model, backbone, x, y, num_labels, batch_size) -> di
         tally.add(torch.from_numpy(logits), torch.from_numpy(y[start : start + batch_size]))
 
     def all_reduce(flat: torch.Tensor) -> torch.Tensor:
+        if not session.distributed:  # one worker in its own process: nothing to sum
+            return flat
         values = strategy.experimental_distribute_values_from_function(lambda _: tf.constant(flat.numpy()))
         return torch.from_numpy(strategy.reduce(tf.distribute.ReduceOp.SUM, values, axis=None).numpy())
 
@@ -191,14 +199,14 @@ def _evaluate(tf, strategy, model, backbone, x, y, num_labels, batch_size) -> di
     return tally.metrics(prefix="val_")
 
 
-def _report(metrics, rank, backbone, model, labels, epoch, cfg) -> None:
+def _report(session, metrics, backbone, model, labels, epoch, cfg) -> None:
     """Report this epoch; rank 0 attaches a servable checkpoint folder (from the plain copy)."""
-    if rank != 0:
-        ray.train.report(metrics)
+    if session.rank != 0:
+        session.report(metrics)
         return
     with tempfile.TemporaryDirectory(prefix="tl-ray-ckpt-") as folder:
         write_model_folder(
             Path(folder), backbone, model, labels, metrics=metrics, epoch=epoch,
             extra={"image_size": cfg.backbone.image_size, "input": "image", "train": cfg.train.model_dump()},
         )
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        session.report(metrics, Path(folder))

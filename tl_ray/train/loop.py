@@ -1,12 +1,15 @@
 """The per-worker training loop: setup, data, model, optimizer, then epochs.
 
-Ray appears only where the loop gets its data shard, prepares the model for DDP, and
-reports metrics with a checkpoint; everything else is plain PyTorch.
+Ray appears only through the session (`session.py`): where the loop gets its data shard and
+resume checkpoint, prepares the model for DDP, and reports metrics with a checkpoint. The same
+loop runs in a Ray Train worker (`train_loop_per_worker`) and in a one-worker Tune trial's own
+process (`run_torch_loop(config, TrialSession(...))`); everything else is plain PyTorch.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import tempfile
 import time
@@ -15,8 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import ray.train
-import ray.train.torch
+import ray
 import torch
 from torch import nn
 
@@ -27,8 +29,9 @@ from tl_ray.errors import CheckpointError
 from tl_ray.train.checkpoint import TRAIN_STATE_FILE, read_manifest, write_model_folder
 from tl_ray.train.feature_cache import FeatureCache
 from tl_ray.train.metrics import ClassificationTally, all_reduce_sum
+from tl_ray.train.session import TrainSession
 
-__all__ = ["train_loop_per_worker"]
+__all__ = ["run_torch_loop", "train_loop_per_worker"]
 
 
 def _batches(shard: Any, batch_size: int, seed: int | None) -> Iterator[dict[str, np.ndarray]]:
@@ -63,24 +66,28 @@ def read_train_state(folder: Path) -> dict[str, Any]:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Fine-tune one backbone; run by every Ray Train worker with the same `config`.
 
-    `config` holds `run` (a RunConfig.model_dump()), `labels` (label names in id order) and
-    `train_rows` (the size of the training set, for the learning-rate schedule).
+    `config` holds `run` (a RunConfig.model_dump()), `labels` (label names in id order),
+    `train_rows` (the size of the training set, for the learning-rate schedule) and `cache`.
     """
+    run_torch_loop(config, TrainSession())
+
+
+def run_torch_loop(config: dict[str, Any], session: Any) -> None:
+    """The loop itself, in `session` (a TrainSession or a TrialSession)."""
     # -- setup ----------------------------------------------------------------------------
     cfg = parse_config(config["run"])
     tcfg = cfg.train
     labels = LabelMap(tuple(config["labels"]))
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    rank, world = session.rank, session.world
     torch.manual_seed(tcfg.seed)
-    device = ray.train.torch.get_device()
+    device = session.device
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     )
 
     # -- data -----------------------------------------------------------------------------
-    train_shard = ray.train.get_dataset_shard("train")
-    val_data = ray.train.get_dataset_shard("validation")  # not split: see _evaluate
+    train_shard = session.shard("train")
+    val_data = session.shard("validation")  # not split: see _evaluate
     steps_per_epoch = math.ceil(config["train_rows"] / world / tcfg.batch_size)
     total_steps = steps_per_epoch * tcfg.epochs
 
@@ -96,7 +103,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             inputs = backbone.preprocess(list(batch["text"]), tcfg.max_length)
         return {k: v.to(device) for k, v in inputs.items()}
 
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.checkpoint()
     state: dict[str, Any] | None = None
     if checkpoint is None:
         model = backbone.build(num_labels=len(labels))
@@ -110,7 +117,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model, tcfg.lr, tcfg.weight_decay, getattr(cfg.backbone, "lr_decay", 1.0)
     )
     trainable = [p for group in groups for p in group["params"]]
-    wrapped = ray.train.torch.prepare_model(model)
+    wrapped = session.prepare_model(model)
 
     # -- optimizer ------------------------------------------------------------------------
     optimizer = torch.optim.AdamW(groups)
@@ -128,7 +135,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if state is not None and first_epoch > tcfg.epochs:
         # Resumed after its last epoch (a search driver died before it saw that report):
         # report it again, so the run ends with a result and a servable checkpoint.
-        _report(state["metrics"], rank, backbone, model, labels, optimizer, scheduler, state["epoch"], tcfg)
+        _report(session, state["metrics"], backbone, model, labels, optimizer, scheduler, state["epoch"], tcfg)
         return
     for epoch in range(first_epoch, tcfg.epochs + 1):
         wrapped.train()
@@ -149,7 +156,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss_sum += loss.detach().double() * len(targets)
         elapsed = time.perf_counter() - started
 
-        metrics = _evaluate(model, backbone, val_data, len(labels), tcfg, autocast, inputs_of)
+        metrics = _evaluate(session, model, backbone, val_data, len(labels), tcfg, autocast, inputs_of)
         local = torch.stack([torch.tensor(float(seen), dtype=torch.float64, device=device),
                              loss_sum, torch.tensor(elapsed, dtype=torch.float64, device=device)])
         total_seen, total_loss, total_s = all_reduce_sum(local, device).tolist()
@@ -161,17 +168,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             epoch_s=time.perf_counter() - started,  # training and validation
             resumed_from_epoch=first_epoch - 1,
             node_id=ray.get_runtime_context().get_node_id(),  # which cluster node trained this
+            worker_pid=os.getpid(),  # a trial's own pid when it trains in its own process
         )
-        _report(metrics, rank, backbone, model, labels, optimizer, scheduler, epoch, tcfg)
+        _report(session, metrics, backbone, model, labels, optimizer, scheduler, epoch, tcfg)
 
 
 @torch.no_grad()
-def _evaluate(model, backbone, dataset, num_labels, tcfg, autocast, inputs_of) -> dict[str, float]:
+def _evaluate(session, model, backbone, dataset, num_labels, tcfg, autocast, inputs_of) -> dict[str, float]:
     """Exact metrics over the whole validation set: worker r scores batches r, r+W, ..."""
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    rank, world = session.rank, session.world
     model.eval()
-    device = ray.train.torch.get_device()  # the backend's device: NCCL reduces only CUDA tensors
+    device = session.device  # the backend's device: NCCL reduces only CUDA tensors
     tally = ClassificationTally(num_labels, device=device)
     for index, batch in enumerate(_batches(dataset, tcfg.batch_size, None)):
         if index % world != rank:
@@ -184,10 +191,10 @@ def _evaluate(model, backbone, dataset, num_labels, tcfg, autocast, inputs_of) -
     return tally.metrics(prefix="val_")
 
 
-def _report(metrics, rank, backbone, model, labels, optimizer, scheduler, epoch, tcfg) -> None:
+def _report(session, metrics, backbone, model, labels, optimizer, scheduler, epoch, tcfg) -> None:
     """Report this epoch; rank 0 attaches a resumable, servable checkpoint folder."""
-    if rank != 0:
-        ray.train.report(metrics)
+    if session.rank != 0:
+        session.report(metrics)
         return
     with tempfile.TemporaryDirectory(prefix="tl-ray-ckpt-") as folder:
         write_model_folder(
@@ -198,4 +205,4 @@ def _report(metrics, rank, backbone, model, labels, optimizer, scheduler, epoch,
             {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch},
             Path(folder) / TRAIN_STATE_FILE,
         )
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        session.report(metrics, Path(folder))
