@@ -9,7 +9,8 @@ without the cache, and one JSON line with both wall times.
 Goals: depth 0 epochs >= 10x faster; depth 2 of 6 >= 2.5x; the search >= 2x end to end.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/frozen_prefix_cache.py
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/frozen_prefix_cache.py --rows 256 --depths 0 2
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/frozen_prefix_cache.py --per-class 128 --depths 0 2
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/frozen_prefix_cache.py --depths     # the search only
 
 Data: sentences from ../shared/data/mr when present, else the 200 that ship inside gensim.
 """
@@ -82,7 +83,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=320, help="rows per class (MR data)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--depths", type=int, nargs="+", default=[0, 1, 2, 6])
+    parser.add_argument("--depths", type=int, nargs="*", default=[0, 1, 2, 6], help="none: only the search")
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--skip-search", action="store_true")
     args = parser.parse_args()

@@ -17,9 +17,15 @@ Usage (from the repository root):
     .venv/bin/python benchmarks/serve_load.py                  # 32 clients, 20 s per endpoint
     .venv/bin/python benchmarks/serve_load.py --concurrency 16 --seconds 10
 
+Then, in the same run and on the replica's CPUs (a Ray task with `--num-cpus`, as many torch
+threads), the model's own ceiling: offline `Predictor` texts/s at batch sizes 1, 4, 8, 16, 32
+with no HTTP, padded to each batch's longest text and in length-bucketed sub-batches (as the
+endpoint computes); the best of them is `limit_texts_per_s`.
+
 Progress goes to stderr; stdout gets exactly one JSON line:
     {"benchmark": "serve_load", "batched": {"rps", "p50_ms", "p99_ms", ...}, "naive": {...},
-     "speedup": batched rps / naive rps, "goal": ">= 3x at equal or lower p99", ...}
+     "speedup": batched rps / naive rps, "offline": {"1": {"padded", "bucketed"}, ...},
+     "limit_texts_per_s", "served_texts_per_s", "of_limit": served / limit, ...}
 """
 
 # No `from __future__ import annotations` here: the naive deployment below is defined in
@@ -149,6 +155,37 @@ def batch_stats(url: str) -> dict[str, Any]:
     return {"count": count, "mean_texts": round(mean, 1), "max_texts": max(map(int, sizes), default=0)}
 
 
+def offline_ceiling(model: str, texts: list[str], threads: int, sub_batch: int, seconds: float) -> dict[str, Any]:
+    """The model's own texts/s with no HTTP, on `threads` torch threads (the replica's CPUs):
+    per batch size, plain `Predictor.predict` (padded to the batch's longest text) and
+    length-bucketed sub-batches of `sub_batch` as the endpoint runs them."""
+    import torch
+
+    from tl_ray.serve.app import predict_by_length
+    from tl_ray.serve.predictor import Predictor
+
+    torch.set_num_threads(threads)
+    predictor = Predictor(model, device="cpu")
+    predictor.predict(texts[:8])  # warm up
+
+    def rate(call, size: int) -> float:
+        done, n, started = 0, 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            batch = [texts[(n + i) % len(texts)] for i in range(size)]
+            call(batch)
+            done, n = done + size, n + size
+        return round(done / (time.perf_counter() - started), 1)
+
+    per_size = {}
+    for size in (1, 4, 8, 16, 32):
+        per_size[str(size)] = {
+            "padded": rate(predictor.predict, size),
+            "bucketed": rate(lambda batch: predict_by_length(predictor, batch, sub_batch), size),
+        }
+    best = max(max(v.values()) for v in per_size.values())
+    return {"texts_per_s": per_size, "limit_texts_per_s": best, "threads": threads}
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -163,6 +200,7 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-ms", type=float, default=10.0)
     parser.add_argument("--num-cpus", type=float, default=1.0, help="per replica (= torch threads)")
+    parser.add_argument("--ceiling-seconds", type=float, default=4.0, help="per offline batch size")
     options = parser.parse_args()
 
     from ray import serve
@@ -191,6 +229,13 @@ def main() -> None:
             log(f"{name}: {results[name]}")
         results["batched"]["batches"] = batch_stats(f"http://127.0.0.1:{port}/batched/v1/model")
         serve.shutdown()
+        import ray
+
+        log("offline ceiling: Predictor on the replica's CPUs, batch sizes 1..32, no HTTP")
+        task = ray.remote(offline_ceiling).options(num_cpus=options.num_cpus)
+        ceiling = ray.get(task.remote(model, texts, max(1, int(options.num_cpus)),
+                                      args.sub_batch_size, options.ceiling_seconds))  # fmt: skip
+        log(f"ceiling: {ceiling}")
     batched, naive = results["batched"], results["naive"]
     print(json.dumps({
         "benchmark": "serve_load",
@@ -203,6 +248,10 @@ def main() -> None:
         "batched": batched,
         "naive": naive,
         "speedup": round(batched["rps"] / max(naive["rps"], 1e-9), 2),
+        "offline": ceiling["texts_per_s"],
+        "limit_texts_per_s": ceiling["limit_texts_per_s"],
+        "served_texts_per_s": batched["rps"],  # one text per request
+        "of_limit": round(batched["rps"] / ceiling["limit_texts_per_s"], 3),
         "p99_ratio": round(batched["p99_ms"] / max(naive["p99_ms"], 1e-9), 2),
         "goal": ">= 3x naive rps at equal or lower p99",
         "load_avg_1m": [round(load_before, 1), round(os.getloadavg()[0], 1)],

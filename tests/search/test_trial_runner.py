@@ -12,7 +12,7 @@ from helpers import make_sentiment_rows, write_csv
 from tl_ray.config import parse_config
 from tl_ray.errors import ConfigError
 from tl_ray.search.space import parse_space
-from tl_ray.search.tune import in_process, run_search
+from tl_ray.search.tune import in_process, run_search, trial_resources
 from tl_ray.train.session import INDEX_FILE, TableShard
 
 SPACE = {
@@ -50,6 +50,16 @@ def test_auto_runs_one_worker_trials_in_process_and_more_as_train_runs():
     bad = parse_config({"data": {"path": "x"}, "train": {"num_workers": 2}, "search": {"trial_runner": "in-process"}})
     with pytest.raises(ConfigError, match="in-process needs train.num_workers 1, not 2"):
         in_process(bad)
+
+
+def test_an_in_process_trial_reserves_its_workers_resources_itself():
+    """The concurrency cap counts worker slots: an in-process trial must hold one (its GPU
+    too), while a trial that launches a Train run holds only memory (its workers hold CPUs)."""
+    gpu = parse_config({"data": {"path": "x"}, "train": {"use_gpu": True, "cpus_per_worker": 4}})
+    assert trial_resources(gpu) == {"CPU": 4, "GPU": 1}
+    assert trial_resources(parse_config({"data": {"path": "x"}})) == {"CPU": 1}
+    launcher = trial_resources(parse_config({"data": {"path": "x"}, "train": {"num_workers": 2}}))
+    assert "CPU" not in launcher and "GPU" not in launcher
 
 
 def test_table_shard_batches_like_ray_data_and_shuffles_the_whole_table():

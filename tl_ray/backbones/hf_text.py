@@ -131,7 +131,9 @@ class HFTextBackbone(Backbone):
         are drawn from a fixed seed, so every process that builds the model (the cache task,
         each training worker) gets the same ones; the global RNG is left as it was."""
         from transformers import AutoModel
+        from transformers.utils import logging as transformers_logging
 
+        transformers_logging.disable_progress_bar()  # a bar per load, in every worker's log
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(MISSING_WEIGHTS_SEED)
             try:

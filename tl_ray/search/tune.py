@@ -48,7 +48,15 @@ from tl_ray.storage import check_reachable, fetch_checkpoint, is_uri, storage_lo
 from tl_ray.train.checkpoint import export_model_folder
 from tl_ray.train.driver import build_trainer, ensure_ray, run_in_trial, run_name, worker_resources
 
-__all__ = ["SEARCH_FILE", "STUDY_NAME", "in_process", "max_concurrent_trials", "resume_search", "run_search"]
+__all__ = [
+    "SEARCH_FILE",
+    "STUDY_NAME",
+    "in_process",
+    "max_concurrent_trials",
+    "resume_search",
+    "run_search",
+    "trial_resources",
+]
 
 SEARCH_FILE = "search.json"
 STUDY_NAME = "tl-ray"  # the study of searches from before search.json named one
@@ -112,6 +120,12 @@ def in_process(cfg: RunConfig) -> bool:
         raise ConfigError(f"search.trial_runner in-process needs train.num_workers 1, not "
                           f"{cfg.train.num_workers}; use ray-train (or auto) for more workers")  # fmt: skip
     return runner == "in-process" or (runner == "auto" and cfg.train.num_workers == 1)
+
+
+def trial_resources(cfg: RunConfig) -> dict[str, float]:
+    """What one trial reserves: its worker's CPUs (and GPU) when it trains in its own
+    process, else only the launcher's little memory (its Train workers reserve the rest)."""
+    return worker_resources(cfg) if in_process(cfg) else dict(TRIAL_DRIVER_RESOURCES)
 
 
 def _trial(
@@ -283,7 +297,7 @@ def _run_tuner(cfg, space, folder, storage, remaining, datasets, echo, seed, stu
         own_process=own_process,
     )
     tuner = tune.Tuner(
-        tune.with_resources(trainable, worker_resources(cfg) if own_process else TRIAL_DRIVER_RESOURCES),
+        tune.with_resources(trainable, trial_resources(cfg)),
         tune_config=tune.TuneConfig(
             reuse_actors=True,  # the next trial skips a process start, imports, weight hashing
             metric=space.metric,
