@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -284,6 +285,9 @@ def _run_tuner(cfg, space, folder, storage, remaining, datasets, echo, seed, stu
         if options.early_stopping
         else FIFOScheduler()
     )
+    # Tune's own console output (an experiment box, a TensorBoard hint into Ray's temp folder)
+    # stays off: tl-ray prints a line per epoch and trial (SearchProgress). Set it to 1 to see it.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     own_process = in_process(cfg)
     runner = "in-process" if own_process else "a Ray Train run each"
     echo(f"searching {remaining} trials, {concurrency} at a time ({runner}), sampler {options.sampler}")
