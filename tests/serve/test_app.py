@@ -3,7 +3,12 @@ config `tl-ray serve --export-config` writes (the `serve deploy` path), app `cli
 `tl-ray serve --detach` with a bearer token.
 
 Order matters and is kept: correctness and bad input on one replica, then batching,
-autoscaling up and down, a killed replica, a model swap under load, metrics.
+autoscaling up and down, a killed replica, a model swap under load, swaps to folders that do
+not load (the replica keeps its model), the health check, metrics.
+
+Tests that need a settled deployment wait on Serve's own view (`get_serve_details`: app
+RUNNING, deployment HEALTHY with the config just deployed, its replicas all RUNNING) and on
+the replica's own `/v1/model`, never on sleeps.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import copy
 import io
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -23,6 +29,7 @@ import pytest
 import yaml
 
 from tl_ray.cli.app import main
+from tl_ray.cli.serve import versioned_model
 from tl_ray.client import Client
 
 TEXTS = ["a good, moving film", "dull and tedious", "the plot is weak but the actors are great"]
@@ -90,11 +97,70 @@ def _wait(condition, timeout: float, what: str, every: float = 0.25) -> None:
         time.sleep(every)
 
 
-def _deploy_config(config: dict) -> None:
-    """What `serve deploy FILE` does: PUT the config to the dashboard's Serve REST API."""
+def _serve_client():
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
-    ServeSubmissionClient(os.environ["RAY_API_SERVER_ADDRESS"]).deploy_applications(config)
+    return ServeSubmissionClient(os.environ["RAY_API_SERVER_ADDRESS"])
+
+
+def _deploy_config(config: dict) -> None:
+    """What `serve deploy FILE` does: PUT the config to the dashboard's Serve REST API."""
+    _serve_client().deploy_applications(config)
+
+
+def _deployment() -> dict:
+    """Serve's details of app `tlr`'s deployment (status, deployment_config, replicas)."""
+    return _serve_client().get_serve_details()["applications"][APP]["deployments"]["TLRayModel"]
+
+
+def _replicas_alive(deployment: dict) -> bool:
+    """Serve's replicas are all RUNNING and are exactly the live replica actors. Serve notices a
+    killed actor only at its next health check, listing it RUNNING until then."""
+    replicas = deployment.get("replicas", [])
+    names = {replica.get("actor_name") for replica in replicas}
+    return all(replica["state"] == "RUNNING" for replica in replicas) and names == _replica_names()
+
+
+def _settled(model: str, replicas: int = 1) -> bool:
+    """Serve applied the config serving `model` on `replicas` replicas, and nothing moves:
+    app RUNNING, deployment HEALTHY, exactly that many replicas, all RUNNING and alive (none
+    starting, updating, stopping or dead but not yet noticed)."""
+    details = _serve_client().get_serve_details()["applications"].get(APP) or {}
+    deployment = details.get("deployments", {}).get("TLRayModel", {})
+    config = deployment.get("deployment_config", {})
+    return (
+        details.get("status") == "RUNNING"
+        and deployment.get("status") == "HEALTHY"
+        and (config.get("user_config") or {}).get("model") == model
+        and config.get("autoscaling_config", {}).get("max_replicas") == replicas
+        and len(deployment["replicas"]) == replicas
+        and _replicas_alive(deployment)
+    )
+
+
+def _replica_ids() -> dict[str, str]:
+    return {r["replica_id"]: r.get("actor_id") for r in _deployment()["replicas"]}  # none yet: starting
+
+
+def _pinned_config(served: dict, model: str) -> dict:
+    """The served config on exactly one replica (no autoscaling), serving `model`."""
+    config = copy.deepcopy(served["config"])
+    deployment = config["applications"][0]["deployments"][0]
+    deployment["autoscaling_config"].update(min_replicas=1, max_replicas=1)
+    deployment["user_config"]["model"] = model
+    return config
+
+
+def _deploy_and_settle(config: dict, what: str) -> None:
+    _deploy_config(config)
+    model = config["applications"][0]["deployments"][0]["user_config"]["model"]
+    _wait(lambda: _settled(model), 120, what)
+
+
+def _described(url: str) -> dict:
+    answer = httpx.get(f"{url}/v1/model", timeout=30)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
 
 
 def _post(url: str, texts: list[str]) -> httpx.Response:
@@ -106,19 +172,20 @@ class Load:
 
     def __init__(self, url: str, concurrency: int) -> None:
         self.url, self.stop = url, threading.Event()
-        self.results: list[tuple[int, str]] = []  # (status, model path or error)
+        self.results: list[tuple[int, str, float]] = []  # (status, model path or error, sent)
         self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(concurrency)]
 
     def _run(self, i: int) -> None:
         with httpx.Client(timeout=30) as http:
             while not self.stop.is_set():
+                sent = time.monotonic()
                 try:
                     answer = http.post(f"{self.url}/v1/predict", json={"texts": [TEXTS[i % 3]]})
                     ok = answer.status_code == 200
                     detail = answer.json()["model"]["path"] if ok else answer.text
-                    self.results.append((answer.status_code, detail))
+                    self.results.append((answer.status_code, detail, sent))
                 except httpx.HTTPError as error:
-                    self.results.append((0, repr(error)))
+                    self.results.append((0, repr(error), sent))
 
     def __enter__(self) -> Load:
         for thread in self.threads:
@@ -130,7 +197,7 @@ class Load:
         for thread in self.threads:
             thread.join()
 
-    def failures(self) -> list[tuple[int, str]]:
+    def failures(self) -> list[tuple[int, str, float]]:
         return [result for result in self.results if result[0] != 200]
 
 
@@ -169,8 +236,10 @@ def served(ray_session, models):
                    "--num-cpus", "0.25", "--max-replicas", "1", "--truncate",
                    "--max-text-chars", "10")  # fmt: skip
     _wait(lambda: serve.status().applications[APP].status == "RUNNING", 120, f"app {APP}")
+    model = config["applications"][0]["deployments"][0]["user_config"]["model"]
+    assert Path(model).parent == models["a"].parent / ".served"  # a versioned copy of model a
     try:
-        yield {"url": f"http://127.0.0.1:{port}", "config": config, "cli": info}
+        yield {"url": f"http://127.0.0.1:{port}", "config": config, "cli": info, "model": model}
     finally:
         serve.shutdown()
 
@@ -186,7 +255,8 @@ def test_predictions_over_http_equal_the_predictor(served, models):
     for got, want in zip(answer["predictions"], expected, strict=True):
         assert got["label"] == want["label"]
         assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-5)
-    assert answer["model"] == {"path": str(models["a"]), "backbone": described["backbone"], "trial": 7}
+    assert answer["model"] == {"path": served["model"], "backbone": described["backbone"], "trial": 7}
+    assert described["version"] == Path(served["model"]).name and described["last_swap_error"] is None
     assert described["labels"] == ["neg", "pos"]
     assert (described["depth"], described["kind"]) == (1, "hf-text")
     assert described["metrics"] == {"val_accuracy": 0.75}
@@ -264,6 +334,10 @@ def test_killed_replica_is_replaced_and_requests_succeed_after(served):
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
         _wait(lambda: _replica_names() - {victim} and _replicas() >= 1, 90, "a new replica")
     print(f"answers during the kill: {len(load.results)}, failed: {len(load.failures())}")
+    # Serve itself has dropped the victim (its health check found the actor dead), so the
+    # next test starts from a state Serve agrees with.
+    replaced = lambda: serving not in _replica_ids() and _replicas_alive(_deployment())  # noqa: E731
+    _wait(replaced, 120, "Serve replacing the killed replica")
     # A loaded CI machine may need a while to route to the new replica: be patient once.
     with Client(served["url"], retries=5, timeout=120) as client:
         for _ in range(5):
@@ -271,27 +345,105 @@ def test_killed_replica_is_replaced_and_requests_succeed_after(served):
 
 
 def test_model_swap_through_reconfigure_drops_no_request(served, models):
+    """Swap a to b under load on one pinned replica: every request sent after the replica
+    reports b is answered by b, none fails, and the replica is the same actor."""
     from tl_ray.serve.predictor import Predictor
 
-    config = copy.deepcopy(served["config"])
-    deployment = config["applications"][0]["deployments"][0]
-    deployment["autoscaling_config"].update(min_replicas=1, max_replicas=1)  # replicas stay put
-    _deploy_config(config)  # a lightweight update as well
-    _wait(lambda: _replicas() == 1 and len(_replica_names()) == 1, 60, "one replica")
-    before, new = _replica_names(), str(models["b"])
-    deployment["user_config"]["model"] = new
-    with Load(served["url"], concurrency=4) as load:
+    url, new = served["url"], str(versioned_model(models["b"]))
+    _deploy_and_settle(_pinned_config(served, served["model"]), "one settled replica of model a")
+    before, replica = _replica_ids(), _described(url)["stats"]["replica"]
+    with Load(url, concurrency=4) as load:
         _wait(lambda: len(load.results) >= 8, 60, "answers before the swap")
-        _deploy_config(config)
-        _wait(lambda: any(model == new for _, model in load.results[-4:]), 90, "model b")
-        time.sleep(0.5)
+        _deploy_and_settle(_pinned_config(served, new), "the swap to model b")
+        _wait(lambda: _described(url)["path"] == new, 60, "the replica reporting model b")
+        swapped, seen = time.monotonic(), len(load.results)
+        _wait(lambda: len(load.results) >= seen + 12, 60, "answers after the swap")
     assert not load.failures(), load.failures()[:3]
-    assert _replica_names() == before  # reconfigured in place, not replaced
-    assert load.results[0][1] == str(models["a"]) and load.results[-1][1] == new
-    got = _post(served["url"], TEXTS).json()["predictions"]
+    assert _replica_ids() == before and _described(url)["stats"]["replica"] == replica
+    assert load.results[0][1] == served["model"]
+    after = [model for _, model, sent in load.results if sent > swapped]
+    assert after and set(after) == {new}, set(after)
+    got = _post(url, TEXTS).json()["predictions"]
     want = Predictor(models["b"]).predict(TEXTS)
     for one, other in zip(got, want, strict=True):
         assert one["probabilities"] == pytest.approx(other["probabilities"], abs=1e-5)
+
+
+def _unloadable(models: dict[str, Path], root: Path) -> list[Path]:
+    """Copies of model a that do not load: a corrupt manifest, and no weights at all."""
+    corrupt = Path(shutil.copytree(models["a"], root / "corrupt-manifest"))
+    (corrupt / "manifest.json").write_text('{"format_version": 1, "backbone": ', encoding="utf-8")
+    no_weights = Path(shutil.copytree(models["a"], root / "no-weights"))
+    for weights in no_weights.glob("*.safetensors"):
+        weights.unlink()
+    return [corrupt, no_weights]
+
+
+def test_swap_to_an_unloadable_folder_keeps_the_old_model_on_the_same_replica(
+    served, models, tmp_path_factory
+):
+    from ray import serve
+
+    url, good = served["url"], str(versioned_model(models["b"]))
+    _deploy_and_settle(_pinned_config(served, good), "one settled replica of model b")
+    before, replica = _replica_ids(), _described(url)["stats"]["replica"]
+    expected = _post(url, TEXTS).json()["predictions"]
+    with Load(url, concurrency=2) as load:
+        for bad in _unloadable(models, tmp_path_factory.mktemp("unloadable")):
+            _deploy_and_settle(_pinned_config(served, str(bad)), f"Serve applying {bad.name}")
+            error = lambda: _described(url)["last_swap_error"] or {}  # noqa: E731
+            _wait(lambda: error().get("model") == str(bad), 60, f"the replica refusing {bad.name}")
+            described = _described(url)
+            assert described["path"] == good, described
+            message = described["last_swap_error"]["error"]
+            print(f"swap to {bad.name} refused: {message}")
+            assert message and "\n" not in message and described["last_swap_error"]["at"]
+    assert not load.failures(), load.failures()[:3]
+    assert {model for _, model, _ in load.results} == {good}
+    got = _post(url, TEXTS).json()["predictions"]
+    for one, other in zip(got, expected, strict=True):
+        assert one["probabilities"] == pytest.approx(other["probabilities"], abs=1e-6)
+    assert _replica_ids() == before and _described(url)["stats"]["replica"] == replica
+    assert serve.status().applications[APP].deployments["TLRayModel"].status == "HEALTHY"
+
+    _deploy_and_settle(_pinned_config(served, served["model"]), "the swap back to model a")
+    _wait(lambda: _described(url)["path"] == served["model"], 60, "the replica serving model a")
+    assert _described(url)["last_swap_error"] is None
+    assert _replica_ids() == before
+
+
+def test_check_health_passes_on_a_healthy_replica_with_the_deployment_options(served):
+    import ray
+
+    from tl_ray.serve import app
+
+    deployment = _deployment()
+    replicas = [r for r in deployment["replicas"] if r["state"] == "RUNNING"]
+    assert replicas, deployment["replicas"]
+    for replica in replicas:  # the replica actor's own check, which runs TLRayServer.check_health
+        actor = ray.get_actor(replica["actor_name"], namespace="serve")
+        assert ray.get(actor.check_health.remote(), timeout=60) is None
+    config = deployment["deployment_config"]
+    assert config["health_check_period_s"] == app.HEALTH_CHECK_PERIOD_S
+    assert config["health_check_timeout_s"] == app.HEALTH_CHECK_TIMEOUT_S
+    assert config["graceful_shutdown_timeout_s"] == app.GRACEFUL_SHUTDOWN_TIMEOUT_S
+
+
+def test_a_first_load_that_fails_fails_the_replica_with_one_clear_line(served, models, tmp_path):
+    """No model to keep serving: the replica fails to start, and Serve's status says why."""
+    from ray import serve
+
+    from tl_ray.serve.app import build_app
+
+    bad = _unloadable(models, tmp_path)[0]
+    args = {"model": str(bad), "num_cpus": 0.25, "max_replicas": 1}
+    try:
+        with pytest.raises(RuntimeError, match="Deploying application bad failed"):
+            serve.run(build_app(args), name="bad", route_prefix="/bad", blocking=False)
+        message = serve.status().applications["bad"].deployments["TLRayModel"].message
+        assert f"ConfigError: model {bad} does not load: " in message and "not valid JSON" in message
+    finally:
+        serve.delete("bad")
 
 
 def test_prometheus_metrics_count_requests_by_route(served):
@@ -314,7 +466,9 @@ def test_export_config_is_valid_and_refuses_an_open_host(tmp_path, models, monke
     monkeypatch.delenv("TL_RAY_SERVE_TOKEN", raising=False)
     target, model = tmp_path / "deploy" / "serve.yaml", str(models["a"])
     (line,) = _cli("serve", model, "--export-config", str(target), "--max-replicas", "4")
-    assert line == {"config": str(target), "model": model}
+    versioned = line["model"]
+    assert line == {"config": str(target), "model": versioned, "source": model}
+    assert Path(versioned).parent == models["a"].parent / ".served"
     config = yaml.safe_load(target.read_text(encoding="utf-8"))
     assert config["http_options"]["host"] == "127.0.0.1"
     (app,) = config["applications"]
@@ -322,7 +476,7 @@ def test_export_config_is_valid_and_refuses_an_open_host(tmp_path, models, monke
     (deployment,) = app["deployments"]
     assert deployment["autoscaling_config"]["max_replicas"] == 4
     assert deployment["max_ongoing_requests"] >= 32
-    assert deployment["user_config"] == {"model": model, "trial": None}
+    assert deployment["user_config"] == {"model": versioned, "trial": None}
     assert [p.name for p in target.parent.iterdir()] == ["serve.yaml"]  # no temp file left
     assert main(["serve", model, "--host", "0.0.0.0", "--export-config", str(target)]) == 2
     assert main(["serve", str(tmp_path), "--export-config", str(target)]) == 2

@@ -1,5 +1,15 @@
 """`tl-ray serve EXPERIMENT_DIR|CHECKPOINT`: the model behind Ray Serve, or its Serve config.
 
+The model folder (an experiment's best.json `model`, else its `model/`, or the checkpoint
+given) is not served in place: a new search re-exporting `runs/x/model` would swap files under
+a replica that is still loading them. `versioned_model` copies it once into an immutable,
+content-addressed folder beside it, `<model's parent>/.served/<content hash>/` (copied, not
+hard-linked, so even a file rewritten in place leaves the copy alone; read-only files; a temp
+folder renamed into place, so a replica never sees half a copy), and that path is what Serve
+gets: in the running app and in `--export-config`'s `user_config.model`. The same content maps
+to the same folder, so serving again copies nothing new. Old versions stay until you delete
+them (none may still be named by a deployed config).
+
 Example:
     >>> main(["serve", "runs/demo", "--export-config", "serve.yaml"])  # doctest: +SKIP
     0
@@ -7,8 +17,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -20,9 +33,9 @@ from pydantic import ValidationError
 
 from tl_ray.cli.app import app, emit
 from tl_ray.errors import CheckpointError, ConfigError
-from tl_ray.serve.api import ServeArgs, token_digest
+from tl_ray.serve.api import SERVED_DIR, ServeArgs, token_digest
 
-__all__ = ["resolve_target", "serve_config", "write_serve_config"]
+__all__ = ["resolve_target", "serve_config", "versioned_model", "write_serve_config"]
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 # Options the config's `deployments:` section carries (editable there without a rebuild),
@@ -72,6 +85,63 @@ def resolve_target(target: Path) -> tuple[Path, dict[str, Any] | None]:
         )
     read_manifest(model)
     return model.resolve(), trial
+
+
+def _tree_hash(source: Path, skip: set[str], copy_to: Path | None = None) -> str:
+    """The content hash of the files of `source` (names and bytes); with `copy_to`, also copy
+    them there, read-only, in the same pass."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in source.rglob("*") if p.is_file() and p.name not in skip):
+        relative = file.relative_to(source).as_posix()
+        digest.update(relative.encode("utf-8") + b"\0")
+        target = copy_to / relative if copy_to is not None else None
+        with file.open("rb") as reader, contextlib.ExitStack() as stack:
+            if target is not None:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                stack.callback(target.chmod, 0o444)  # after the file is closed
+                writer = stack.enter_context(target.open("wb"))
+            while chunk := reader.read(1 << 20):
+                digest.update(chunk)
+                if target is not None:
+                    writer.write(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def versioned_model(model: Path) -> Path:
+    """An immutable copy of the model folder at `<parent>/.served/<content hash>` (see above).
+
+    A folder already there under that hash is reused; a folder that changes while it is copied
+    (the hash of the copy differs) is refused.
+
+    >>> versioned_model(Path("runs/demo/model"))  # doctest: +SKIP
+    PosixPath('/.../runs/demo/.served/3f9c0a7d51e2b846')
+    """
+    from tl_ray.train.checkpoint import MANIFEST_FILE, TRAIN_STATE_FILE, read_manifest
+
+    model, skip = model.resolve(), {TRAIN_STATE_FILE}
+    read_manifest(model)
+    if model.parent.name == SERVED_DIR:
+        return model  # already a versioned folder
+    served = model.parent / SERVED_DIR
+    tmp = served / f".{uuid.uuid4().hex}.tmp"
+    try:
+        target = served / _tree_hash(model, skip)
+        if not (target / MANIFEST_FILE).is_file():
+            tmp.mkdir(parents=True)
+            if served / _tree_hash(model, skip, copy_to=tmp) != target:
+                raise CheckpointError(f"{model} changed while it was copied (a new export?); run again")
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not (target / MANIFEST_FILE).is_file():  # else: another copy won the race
+                    raise
+    except OSError as error:
+        raise CheckpointError(f"cannot copy {model} to {served}: {error.strerror or error}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    read_manifest(target)
+    return target
 
 
 def serve_config(
@@ -192,7 +262,8 @@ def serve(
     detach: bool = _opt(False, "--detach", help="Return after deploying (needs a running cluster)."),
 ) -> None:
     """Deploy the model behind an autoscaling, batching HTTP endpoint (Ctrl-C stops it)."""
-    model, trial = resolve_target(target)
+    source, trial = resolve_target(target)
+    model = versioned_model(source)
     token = _token(token_file)
     host = host or ("0.0.0.0" if token else "127.0.0.1")
     if host not in _LOOPBACK and not token and not insecure:
@@ -226,13 +297,15 @@ def serve(
     )
     if export_config is not None:
         config = serve_config(args, name=name, route_prefix=route_prefix, host=host, port=port)
-        emit({"config": str(write_serve_config(config, export_config)), "model": str(model)})
+        written = write_serve_config(config, export_config)
+        emit({"config": str(written), "model": str(model), "source": str(source)})
         return
     import ray
 
     if detach and not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
         raise ConfigError("--detach needs --address or RAY_ADDRESS: a local Ray ends with this command")
-    emit(_deploy(args, address=address, name=name, prefix=route_prefix, host=host, port=port))
+    deployed = _deploy(args, address=address, name=name, prefix=route_prefix, host=host, port=port)
+    emit({**deployed, "source": str(source)})
     if not detach:
         _wait_for_interrupt(name)
 

@@ -31,18 +31,25 @@ from pydantic import (
     model_validator,
 )
 
+from tl_ray.errors import TLRayError
+
 __all__ = [
     "DEVICES",
     "Limits",
+    "ModelDescription",
     "ModelInfo",
     "ModelSlot",
+    "ReplicaStats",
+    "SERVED_DIR",
     "ServeArgs",
     "PredictRequest",
     "PredictResponse",
     "Prediction",
     "RequestError",
+    "SwapError",
     "check_device",
     "decode_base64_images",
+    "one_line",
     "parse_multipart_images",
     "parse_predict_body",
     "token_digest",
@@ -50,6 +57,8 @@ __all__ = [
 
 
 DEVICES = "auto, cpu, cuda or cuda:N"
+# `tl-ray serve` copies a model folder to `<its parent>/.served/<content hash>/` and serves that.
+SERVED_DIR = ".served"
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
@@ -65,6 +74,19 @@ def check_device(device: Any) -> str:
     if not isinstance(device, str) or not _DEVICE.fullmatch(device):
         raise ValueError(f"device must be {DEVICES}, got {device!r}")
     return device
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of `error` (with its type when that is not a tl-ray error).
+
+    >>> one_line(ValueError("bad header\\n  at offset 8"))
+    'ValueError: bad header'
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else "no message"
+    if not isinstance(error, TLRayError):
+        text = f"{type(error).__name__}: {text}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class RequestError(Exception):
@@ -199,6 +221,39 @@ class ModelInfo(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     trial: dict[str, Any] | None = None
     device: str | None = Field(default=None, description="Where the model computes: cpu, cuda:0.")
+    version: str | None = Field(
+        default=None,
+        description=f"Content hash of a versioned folder (`{SERVED_DIR}/<hash>`), else None.",
+    )
+
+
+class SwapError(BaseModel):
+    """A model swap (`reconfigure`) the replica refused: it kept serving the model it had."""
+
+    model: str = Field(description="The folder that failed to load (user_config.model).")
+    error: str = Field(description="Why, in one line.")
+    at: str = Field(description="When the swap failed (UTC, ISO 8601).")
+
+
+class ReplicaStats(BaseModel):
+    """What one replica observed: its id, torch threads and the batches it ran."""
+
+    replica: str
+    threads: int
+    batches: int
+    max_batch_texts: int
+    max_batch_requests: int
+    batch_texts: dict[str, int] = Field(description="Batch size in texts -> how many batches.")
+
+
+class ModelDescription(ModelInfo):
+    """`GET /v1/model` answer: the model this replica serves, its stats, and the last swap it
+    refused (None once a later swap succeeded)."""
+
+    stats: ReplicaStats
+    last_swap_error: SwapError | None = Field(
+        default=None, description="The last failed swap; the model above is still served."
+    )
 
 
 class PredictResponse(BaseModel):

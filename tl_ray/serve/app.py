@@ -6,6 +6,18 @@ folder, so changing it (`serve deploy` with an edited config) swaps the model th
 `reconfigure` while requests keep flowing: each request is answered by the model that was
 current when it arrived.
 
+A swap never restarts a replica. In Ray Serve 2.60 an exception from `reconfigure` fails the
+replica: the controller stops it and starts another, which loads the same bad config, until
+the retries run out (DEPLOY_FAILED) with the old model gone. So a swap whose folder does not
+load keeps serving the old model; the error is logged (logger "ray.serve") and `GET /v1/model`
+shows it as `last_swap_error` until a swap succeeds. Serve counts the bad config as applied,
+so a replica started later (autoscaling, a crash) fails to start on it: deploy a good folder.
+Only a load with no model to keep serving (at replica start) raises.
+
+Serve calls `check_health` every `HEALTH_CHECK_PERIOD_S` (cheap; failing it makes Serve replace
+the replica). A stopping replica finishes its requests in flight, batches included, for up to
+`GRACEFUL_SHUTDOWN_TIMEOUT_S`. A Serve config's `deployments:` section can override both.
+
 A replica computes where Ray placed it: with GPUs reserved (`num_gpus`, so Ray sets
 `CUDA_VISIBLE_DEVICES` to them) device "auto" is "cuda", else "cpu"; and it sizes torch's
 threads from the CPUs Ray assigned it, so `ray_actor_options` in a Serve config is honoured.
@@ -19,7 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import os
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
@@ -32,13 +46,17 @@ from ray.serve import Application
 from tl_ray.client import TOKEN_ENV
 from tl_ray.errors import ConfigError
 from tl_ray.serve.api import (
+    SERVED_DIR,
+    ModelDescription,
     ModelInfo,
     ModelSlot,
     PredictRequest,
     PredictResponse,
     RequestError,
     ServeArgs,
+    SwapError,
     decode_base64_images,
+    one_line,
     parse_multipart_images,
     parse_predict_body,
     token_digest,
@@ -54,12 +72,18 @@ __all__ = [
     "TLRayServer",
     "assigned_resources",
     "build_app",
+    "check_usable",
     "predict_by_length",
     "replica_placement",
     "token_digest",
 ]
 
 DEPLOYMENT = "TLRayModel"
+HEALTH_CHECK_PERIOD_S = 10.0
+HEALTH_CHECK_TIMEOUT_S = 30.0  # generous: a replica computing on 2 busy cores answers late
+GRACEFUL_SHUTDOWN_TIMEOUT_S = 60.0  # a full queue of CPU batches drains within this
+GRACEFUL_SHUTDOWN_WAIT_LOOP_S = 1.0  # how often a stopping replica re-counts requests in flight
+logger = logging.getLogger("ray.serve")
 
 
 class _Loaded(NamedTuple):
@@ -115,6 +139,7 @@ def _load(slot: ModelSlot, placement: Placement | None = None) -> _Loaded:
     from tl_ray.serve.predictor import Predictor
 
     device = placement.device if placement is not None else "auto"
+    path = Path(slot.model).resolve()
     try:
         predictor = Predictor(slot.model, device=device)
     except ConfigError as error:
@@ -126,7 +151,7 @@ def _load(slot: ModelSlot, placement: Placement | None = None) -> _Loaded:
         ) from None
     manifest, backbone = predictor.manifest, predictor.manifest.get("backbone", {})
     info = ModelInfo(
-        path=str(Path(slot.model).resolve()),
+        path=str(path),
         backbone=str(backbone.get("name_or_path", backbone.get("architecture", manifest.get("base_path", "")))),
         kind=str(backbone.get("kind", "")),
         depth=backbone.get("unfreeze_depth"),
@@ -136,8 +161,25 @@ def _load(slot: ModelSlot, placement: Placement | None = None) -> _Loaded:
         metrics=manifest.get("metrics", {}),
         trial=slot.trial,
         device=predictor.device,
+        version=path.name if path.parent.name == SERVED_DIR else None,
     )
     return _Loaded(predictor, info)
+
+
+def check_usable(current: _Loaded | None) -> None:
+    """Raise RuntimeError when the replica cannot serve its model: the predictor lost it, or
+    its GPU is gone. Cheap (no forward pass). No model passes: without a user_config the
+    replica answers 503 until a swap names one (a failed first load never gets here)."""
+    if current is None:
+        return
+    predictor = current.predictor
+    if getattr(predictor, "model", None) is None:
+        raise RuntimeError(f"the predictor of {current.info.path} has no model")
+    if predictor.device.startswith("cuda") and predictor.backbone.framework == "torch":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"the model computes on {predictor.device}, which torch no longer sees")
 
 
 def predict_by_length(predictor: Any, texts: list[str], size: int) -> list[dict[str, Any]]:
@@ -237,6 +279,7 @@ class TLRayServer:
         self.args = ServeArgs.model_validate(args)
         self._digests = _digests(self.args)
         self._current: _Loaded | None = None
+        self._swap_error: SwapError | None = None
         self._batch_texts: Counter[int] = Counter()
         self._batch_requests: Counter[int] = Counter()
         self._replica = serve.get_replica_context().replica_id.unique_id
@@ -249,10 +292,30 @@ class TLRayServer:
         torch.set_num_threads(self._placement.threads)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Load the folder in `user_config`, then swap it in; requests in flight keep the old."""
-        slot = ModelSlot.model_validate(user_config)
-        # Serve calls this only on a change (and at start-up: an error there fails the replica)
-        self._current = await asyncio.to_thread(_load, slot, self._placement)
+        """Load the folder in `user_config`, then swap it in; requests in flight keep the old.
+
+        Serve calls this at start-up and on each change of user_config. A load that fails
+        while a model is served keeps that model and records the error (`last_swap_error`);
+        with no model to keep (start-up), it raises, and Serve reports the replica failed.
+        """
+        try:
+            slot = ModelSlot.model_validate(user_config)
+            loaded = await asyncio.to_thread(_load, slot, self._placement)
+        except Exception as error:
+            folder = str(user_config.get("model") if isinstance(user_config, dict) else user_config)
+            if self._current is None:  # nothing to keep serving: Serve fails this replica
+                raise ConfigError(f"model {folder} does not load: {one_line(error)}") from error
+            at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            self._swap_error = SwapError(model=folder, error=one_line(error), at=at)
+            logger.error(f"model swap to {folder} failed, still serving {self._current.info.path}: "
+                         f"{self._swap_error.error}", exc_info=True)  # fmt: skip
+            return
+        self._current, self._swap_error = loaded, None
+        logger.info(f"serving {loaded.info.path}")
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: raises only when this replica cannot serve."""
+        check_usable(self._current)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_texts_in)
     async def _predict_batch(
@@ -305,10 +368,10 @@ class TLRayServer:
         self._loaded()
         return {"status": "ok"}
 
-    @api.get("/v1/model")
+    @api.get("/v1/model", response_model=ModelDescription)
     async def model(self, request: Request) -> dict[str, Any]:
-        """The model (backbone, depth, metrics, trial, labels, device) and this replica's
-        batch sizes and torch threads."""
+        """The model (backbone, depth, metrics, trial, labels, device, version), this replica's
+        batch sizes and torch threads, and the last model swap it refused (`last_swap_error`)."""
         import torch
 
         self._authorize(request)
@@ -320,10 +383,17 @@ class TLRayServer:
             "max_batch_requests": max(self._batch_requests, default=0),
             "batch_texts": {str(k): v for k, v in sorted(self._batch_texts.items())},
         }
-        return {**self._loaded().info.model_dump(), "stats": stats}
+        error = self._swap_error.model_dump() if self._swap_error is not None else None
+        return {**self._loaded().info.model_dump(), "stats": stats, "last_swap_error": error}
 
 
-TLRayModel = serve.deployment(name=DEPLOYMENT)(serve.ingress(api)(TLRayServer))
+TLRayModel = serve.deployment(
+    name=DEPLOYMENT,
+    health_check_period_s=HEALTH_CHECK_PERIOD_S,
+    health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
+    graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S,
+    graceful_shutdown_wait_loop_s=GRACEFUL_SHUTDOWN_WAIT_LOOP_S,
+)(serve.ingress(api)(TLRayServer))
 
 
 def build_app(args: ServeArgs | dict[str, Any]) -> Application:
