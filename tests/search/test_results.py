@@ -31,3 +31,23 @@ def test_a_tie_picks_the_epoch_whose_checkpoint_was_kept(tmp_path):
     assert (best["epoch"], best["value"]) == (2, 0.9)
     assert best["model"] == str(tmp_path / "model")
     assert (tmp_path / "model" / MANIFEST_FILE).is_file()
+
+
+def test_a_conditional_parameter_missing_from_the_first_rows_is_a_column(tmp_path):
+    """backbone.lr_decay is sampled only when depth > 0: rows without it come first here."""
+    import pyarrow.parquet as pq
+
+    study = optuna.create_study(direction="maximize")
+    for value in (0.6, 0.8):
+        study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=value))
+    lines = [
+        {"epoch": 1, "val_accuracy": 0.6, "config": {"optuna_trial": 0, "backbone.unfreeze_depth": 0},
+         "trial_id": "t0"},
+        {"epoch": 1, "val_accuracy": 0.8, "trial_id": "t1",
+         "config": {"optuna_trial": 1, "backbone.unfreeze_depth": 2, "backbone.lr_decay": 0.9}},
+    ]  # fmt: skip
+    (tmp_path / "epochs.jsonl").write_text("\n".join(map(json.dumps, lines)), encoding="utf-8")
+    best = export_results(tmp_path, study, "val_accuracy", "max", max_epochs=1)
+    assert best["params"] == {"backbone.unfreeze_depth": 2, "backbone.lr_decay": 0.9}
+    rows = pq.read_table(tmp_path / "trials.parquet").to_pylist()
+    assert [r["param.backbone.lr_decay"] for r in rows] == [None, 0.9]

@@ -40,6 +40,7 @@ def emit(payload: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: TLRayError becomes one line on stderr and exit code 2."""
     from tl_ray.cli import evaluate, jobs, predict, query, report, serve, submit, train, tune  # noqa: F401  (registers commands)
+    from tl_ray.cli import export  # noqa: F401  (`tl-ray export`)
     from tl_ray.cli import w2v  # noqa: F401  (the `w2v` sub-app: train, update, eval)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,4 +1,4 @@
-"""Model-folder exports for other runtimes: ONNX now (issue 15), `tl-ray export` next (issue 16).
+"""Model-folder exports for other runtimes: ONNX (issue 15) and `tl-ray export` (issue 16).
 
 Importing this package loads neither torch nor onnx; each imports on use. `RUNTIMES` names
 what `Predictor(folder, runtime=...)` runs a model folder with: "torch" (the framework it was
@@ -10,13 +10,19 @@ Example:
     'onnx'
     >>> export_onnx("runs/demo/model", "runs/demo/model-onnx")  # doctest: +SKIP
     PosixPath('/.../runs/demo/model-onnx')
+    >>> export_model("runs/demo/model", "exports/demo-hf", format="hf")  # doctest: +SKIP
+    PosixPath('/.../exports/demo-hf')
 """
 
 from __future__ import annotations
 
+from tl_ray.export.formats import FORMATS, export_model
+from tl_ray.export.hf import export_hf
 from tl_ray.export.onnx import cached_export, export_onnx, is_onnx_export, require_onnx
+from tl_ray.export.savedmodel import export_savedmodel
 
-__all__ = ["RUNTIMES", "cached_export", "check_runtime", "export_onnx", "is_onnx_export", "require_onnx"]
+__all__ = ["FORMATS", "RUNTIMES", "cached_export", "check_runtime", "export_hf", "export_model",
+           "export_onnx", "export_savedmodel", "is_onnx_export", "require_onnx"]  # fmt: skip
 
 RUNTIMES = ("torch", "onnx", "onnx-int8")
 

@@ -76,7 +76,9 @@ def _status(study) -> dict[int, str]:
 
 def _write_table(rows: list[dict[str, Any]], path: Path) -> None:
     columns = sorted({key for row in rows for key in row})
-    table = pa.Table.from_pylist(rows, schema=None).select(columns) if rows else pa.table({})
+    # Every row gets every column: a conditional parameter (sampled only `when` its condition
+    # holds) is None where it was not sampled, whichever row pyarrow meets first.
+    table = pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows]) if rows else pa.table({})
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         pq.write_table(table, tmp)
