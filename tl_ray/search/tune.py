@@ -303,7 +303,9 @@ def _run_tuner(cfg, space, folder, storage, remaining, datasets, echo, seed, stu
     tuner = tune.Tuner(
         tune.with_resources(trainable, trial_resources(cfg)),
         tune_config=tune.TuneConfig(
-            reuse_actors=True,  # the next trial skips a process start, imports, weight hashing
+            # In-process, the next trial reuses the process: no start, imports or weight hashing.
+            # (A Train-run trial stopped by ASHA is still inside fit(): Tune cannot reuse it.)
+            reuse_actors=own_process,
             metric=space.metric,
             mode=space.mode,
             search_alg=searcher,
