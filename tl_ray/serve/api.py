@@ -221,6 +221,7 @@ class ModelInfo(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     trial: dict[str, Any] | None = None
     device: str | None = Field(default=None, description="Where the model computes: cpu, cuda:0.")
+    runtime: str | None = Field(default=None, description="What computes: torch, onnx or onnx-int8.")
     version: str | None = Field(
         default=None,
         description=f"Content hash of a versioned folder (`{SERVED_DIR}/<hash>`), else None.",
@@ -319,6 +320,16 @@ class ServeArgs(BaseModel):
     num_cpus: float = Field(default=1.0, ge=0, description="Per replica; torch threads if Ray is silent.")
     num_gpus: float = Field(default=0.0, ge=0, description="Per replica.")
     device: str = Field(default="auto", description=f"{DEVICES}; auto: cuda if the replica has a GPU.")
+    runtime: str = Field(default="torch", description="torch, onnx or onnx-int8: what computes the "
+                         "scores (onnx: exported once, cached beside the model folder).")  # fmt: skip
+    ingress: Literal["proxy", "haproxy"] = Field(
+        default="proxy",
+        description="proxy: Serve's Python proxy; haproxy: Serve's high-throughput mode (HAProxy + "
+        "direct ingress), which needs RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1 "
+        "in the environment of every node's Ray and binds replica ports on all interfaces.",
+    )
+    insecure: bool = Field(default=False, description="Serve without a token where replica "
+                           "ports are open on all interfaces (HAProxy mode).")  # fmt: skip
     limits: Limits = Field(default_factory=Limits)
     token_sha256: str | None = Field(default=None, pattern="^[0-9a-f]{64}$", description="SHA-256.")
     token_file: str | None = Field(default=None, description="Token file read by each replica.")
@@ -327,6 +338,13 @@ class ServeArgs(BaseModel):
     @classmethod
     def _known_device(cls, device: str) -> str:
         return check_device(device)
+
+    @field_validator("runtime")
+    @classmethod
+    def _known_runtime(cls, runtime: str) -> str:
+        from tl_ray.export import check_runtime
+
+        return check_runtime(runtime)
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeArgs:

@@ -98,6 +98,7 @@ class Placement(NamedTuple):
     threads: int
     gpus: float
     gpu_ids: list[Any]
+    runtime: str = "torch"  # what computes: torch, onnx, onnx-int8
 
 
 def assigned_resources() -> dict[str, float] | None:
@@ -120,9 +121,9 @@ def replica_placement(
     GPUs, else "cpu" (a replica never takes a GPU it did not reserve); others stay as asked.
 
     >>> replica_placement(ServeArgs(), {"CPU": 2.0, "GPU": 1.0}, [0])
-    Placement(device='cuda', threads=2, gpus=1.0, gpu_ids=[0])
+    Placement(device='cuda', threads=2, gpus=1.0, gpu_ids=[0], runtime='torch')
     >>> replica_placement(ServeArgs(num_cpus=0.25), None, [])
-    Placement(device='cpu', threads=1, gpus=0.0, gpu_ids=[])
+    Placement(device='cpu', threads=1, gpus=0.0, gpu_ids=[], runtime='torch')
     """
     cpus = assigned["CPU"] if assigned and "CPU" in assigned else args.num_cpus
     gpus = float(assigned.get("GPU", 0.0)) if assigned is not None else args.num_gpus
@@ -131,7 +132,7 @@ def replica_placement(
     device = args.device
     if device == "auto":
         device = "cuda" if gpus > 0 else "cpu"
-    return Placement(device, max(1, int(cpus)), gpus, list(gpu_ids))
+    return Placement(device, max(1, int(cpus)), gpus, list(gpu_ids), args.runtime)
 
 
 def _load(slot: ModelSlot, placement: Placement | None = None) -> _Loaded:
@@ -141,7 +142,7 @@ def _load(slot: ModelSlot, placement: Placement | None = None) -> _Loaded:
     device = placement.device if placement is not None else "auto"
     path = Path(slot.model).resolve()
     try:
-        predictor = Predictor(slot.model, device=device)
+        predictor = Predictor(slot.model, device=device, runtime=placement.runtime if placement else "torch")
     except ConfigError as error:
         if placement is None or not placement.gpus:
             raise
@@ -161,9 +162,42 @@ def _load(slot: ModelSlot, placement: Placement | None = None) -> _Loaded:
         metrics=manifest.get("metrics", {}),
         trial=slot.trial,
         device=predictor.device,
+        runtime=predictor.runtime,
         version=path.name if path.parent.name == SERVED_DIR else None,
     )
     return _Loaded(predictor, info)
+
+
+HA_PROXY_ENV = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED")
+
+
+def haproxy_on(environ: Mapping[str, str]) -> bool:
+    """Whether this process's Ray runs Serve's high-throughput mode (HAProxy, direct ingress)."""
+    return environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
+
+
+def check_ingress(args: ServeArgs, has_token: bool, environ: Mapping[str, str]) -> None:
+    """A replica refuses to start when its ingress is not what its args promise.
+
+    `ingress: haproxy` needs a Ray started with RAY_SERVE_ENABLE_HA_PROXY=1 (the replica
+    inherits its node's environment). With HAProxy on, Serve binds every replica's HTTP port
+    on all interfaces, so a replica without a bearer token is refused unless `insecure`.
+
+    >>> check_ingress(ServeArgs(ingress="haproxy"), True, {})
+    Traceback (most recent call last):
+    ...
+    tl_ray.errors.ConfigError: ingress haproxy: this node's Ray was started without RAY_SERVE_ENABLE_HA_PROXY=1 ...
+    """
+    if args.ingress == "haproxy" and not haproxy_on(environ):
+        raise ConfigError(
+            "ingress haproxy: this node's Ray was started without RAY_SERVE_ENABLE_HA_PROXY=1 "
+            "(set it and RAY_SERVE_THROUGHPUT_OPTIMIZED=1 before `ray start` on every node)"
+        )
+    if haproxy_on(environ) and not has_token and not args.insecure:
+        raise ConfigError(
+            "HAProxy mode binds replica ports on all interfaces: configure a bearer token "
+            "(token_sha256 or token_file), or set insecure: true to serve without one"
+        )
 
 
 def check_usable(current: _Loaded | None) -> None:
@@ -278,6 +312,7 @@ class TLRayServer:
     def __init__(self, args: dict[str, Any]) -> None:
         self.args = ServeArgs.model_validate(args)
         self._digests = _digests(self.args)
+        check_ingress(self.args, bool(self._digests), os.environ)
         self._current: _Loaded | None = None
         self._swap_error: SwapError | None = None
         self._batch_texts: Counter[int] = Counter()
