@@ -13,9 +13,13 @@ A closed-loop asyncio client keeps `--concurrency` requests of one sentence each
 for `--seconds` after `--warmup` seconds; the endpoints are measured one after the other.
 Sentences come from ../shared/data/mr (Pang & Lee) when present, else synthetic ones.
 
+Each ingress (`--ingress proxy haproxy`: Serve's Python proxy, and its high-throughput mode
+with HAProxy and direct ingress, each in its own Ray) serves each runtime (`--runtimes torch
+onnx`); the naive endpoint runs behind the default proxy only.
+
 Usage (from the repository root):
     .venv/bin/python benchmarks/serve_load.py                  # 32 clients, 20 s per endpoint
-    .venv/bin/python benchmarks/serve_load.py --concurrency 16 --seconds 10
+    .venv/bin/python benchmarks/serve_load.py --concurrency 16 --seconds 10 --ingress proxy
 
 Then, in the same run and on the replica's CPUs (a Ray task with `--num-cpus`, as many torch
 threads), the model's own ceiling: offline `Predictor` texts/s at batch sizes 1, 4, 8, 16, 32
@@ -23,9 +27,10 @@ with no HTTP, padded to each batch's longest text and in length-bucketed sub-bat
 endpoint computes); the best of them is `limit_texts_per_s`.
 
 Progress goes to stderr; stdout gets exactly one JSON line:
-    {"benchmark": "serve_load", "batched": {"rps", "p50_ms", "p99_ms", ...}, "naive": {...},
-     "speedup": batched rps / naive rps, "offline": {"1": {"padded", "bucketed"}, ...},
-     "limit_texts_per_s", "served_texts_per_s", "of_limit": served / limit, ...}
+    {"benchmark": "serve_load", "endpoints": {"proxy-torch": {"rps", "p50_ms", "p99_ms", ...},
+     "haproxy-onnx": {...}, ...}, "naive": {...}, "offline": {"torch": {"1": {"padded",
+     "bucketed"}, ...}, ...}, "limit_texts_per_s" (the best runtime's best batch size),
+     "served_texts_per_s" (the best endpoint), "of_limit": served / limit, ...}
 """
 
 # No `from __future__ import annotations` here: the naive deployment below is defined in
@@ -155,7 +160,9 @@ def batch_stats(url: str) -> dict[str, Any]:
     return {"count": count, "mean_texts": round(mean, 1), "max_texts": max(map(int, sizes), default=0)}
 
 
-def offline_ceiling(model: str, texts: list[str], threads: int, sub_batch: int, seconds: float) -> dict[str, Any]:
+def offline_ceiling(
+    model: str, texts: list[str], threads: int, sub_batch: int, seconds: float, runtime: str = "torch"
+) -> dict[str, Any]:
     """The model's own texts/s with no HTTP, on `threads` torch threads (the replica's CPUs):
     per batch size, plain `Predictor.predict` (padded to the batch's longest text) and
     length-bucketed sub-batches of `sub_batch` as the endpoint runs them."""
@@ -165,7 +172,7 @@ def offline_ceiling(model: str, texts: list[str], threads: int, sub_batch: int, 
     from tl_ray.serve.predictor import Predictor
 
     torch.set_num_threads(threads)
-    predictor = Predictor(model, device="cpu")
+    predictor = Predictor(model, device="cpu", runtime=runtime)
     predictor.predict(texts[:8])  # warm up
 
     def rate(call, size: int) -> float:
@@ -192,6 +199,50 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def serve_round(model: str, texts: list[str], options, *, ingress: str, naive: bool) -> dict[str, Any]:
+    """One Ray + Serve instance with `ingress`: each runtime's batched app (and the naive one),
+    driven one after the other. HAProxy mode is read from the environment of the process that
+    starts Ray, so each ingress gets its own Ray."""
+    import ray
+    from ray import serve
+
+    from tl_ray.serve.app import HA_PROXY_ENV, ServeArgs, build_app
+    from tl_ray.train.driver import ensure_ray
+
+    for name in HA_PROXY_ENV:
+        os.environ.pop(name, None)
+    if ingress == "haproxy":
+        os.environ.update({name: "1" for name in HA_PROXY_ENV})
+    ensure_ray(num_cpus=int(2 * options.num_cpus))
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    results: dict[str, Any] = {}
+    apps = [(f"{ingress}-{runtime}", runtime) for runtime in options.runtimes]
+    for name, runtime in apps:
+        args = ServeArgs(model=model, min_replicas=1, max_replicas=1, num_cpus=options.num_cpus,
+                         max_batch_size=options.max_batch_size, batch_wait_ms=options.batch_wait_ms,
+                         max_ongoing_requests=max(4 * options.max_batch_size, options.concurrency),
+                         runtime=runtime, ingress=ingress, insecure=True)  # loopback only  # fmt: skip
+        serve.run(build_app(args), name=name, route_prefix=f"/{name}")
+        results[name] = drive_app(port, name, texts, options)
+        results[name]["batches"] = batch_stats(f"http://127.0.0.1:{port}/{name}/v1/model")
+        serve.delete(name)
+    if naive:
+        serve.run(naive_app(model, options.num_cpus), name="naive", route_prefix="/naive")
+        results["naive"] = drive_app(port, "naive", texts, options)
+    serve.shutdown()
+    ray.shutdown()
+    return results
+
+
+def drive_app(port: int, name: str, texts: list[str], options) -> dict[str, Any]:
+    log(f"driving {name}: {options.concurrency} clients, {options.warmup:.0f}+{options.seconds:.0f} s")
+    url = f"http://127.0.0.1:{port}/{name}/v1/predict"
+    result = asyncio.run(drive(url, texts, options.concurrency, options.warmup, options.seconds))
+    log(f"{name}: {result}")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, default=32)
@@ -201,42 +252,38 @@ def main() -> None:
     parser.add_argument("--batch-wait-ms", type=float, default=10.0)
     parser.add_argument("--num-cpus", type=float, default=1.0, help="per replica (= torch threads)")
     parser.add_argument("--ceiling-seconds", type=float, default=4.0, help="per offline batch size")
+    parser.add_argument("--ingress", nargs="+", default=["proxy", "haproxy"], choices=["proxy", "haproxy"])
+    parser.add_argument("--runtimes", nargs="+", default=["torch", "onnx"], choices=["torch", "onnx", "onnx-int8"])
     options = parser.parse_args()
 
-    from ray import serve
+    import ray
 
-    from tl_ray.serve.app import ServeArgs, build_app
+    from tl_ray.export import cached_export
     from tl_ray.train.driver import ensure_ray
 
     texts = sentences()
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         model = str(build_checkpoint(Path(tmp) / "minilm"))
-        log(f"checkpoint at {model}; starting Ray and Serve")
+        for runtime in options.runtimes:  # replicas then load the export instead of making it
+            if runtime != "torch":
+                cached_export(model, quantize=runtime == "onnx-int8")
+        endpoints: dict[str, Any] = {}
+        for ingress in options.ingress:
+            endpoints.update(serve_round(model, texts, options, ingress=ingress, naive=ingress == "proxy"))
         ensure_ray(num_cpus=int(2 * options.num_cpus))
-        port = _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = ServeArgs(model=model, min_replicas=1, max_replicas=1, num_cpus=options.num_cpus,
-                         max_batch_size=options.max_batch_size, batch_wait_ms=options.batch_wait_ms,
-                         max_ongoing_requests=max(4 * options.max_batch_size, options.concurrency))  # fmt: skip
-        serve.run(build_app(args), name="batched", route_prefix="/batched")
-        serve.run(naive_app(model, options.num_cpus), name="naive", route_prefix="/naive")
-        results = {}
-        for name in ("naive", "batched"):
-            log(f"driving {name}: {options.concurrency} clients, {options.warmup:.0f}+{options.seconds:.0f} s")
-            url = f"http://127.0.0.1:{port}/{name}/v1/predict"
-            results[name] = asyncio.run(drive(url, texts, options.concurrency, options.warmup, options.seconds))
-            log(f"{name}: {results[name]}")
-        results["batched"]["batches"] = batch_stats(f"http://127.0.0.1:{port}/batched/v1/model")
-        serve.shutdown()
-        import ray
-
-        log("offline ceiling: Predictor on the replica's CPUs, batch sizes 1..32, no HTTP")
-        task = ray.remote(offline_ceiling).options(num_cpus=options.num_cpus)
-        ceiling = ray.get(task.remote(model, texts, max(1, int(options.num_cpus)),
-                                      args.sub_batch_size, options.ceiling_seconds))  # fmt: skip
-        log(f"ceiling: {ceiling}")
-    batched, naive = results["batched"], results["naive"]
+        ceilings = {}
+        for runtime in options.runtimes:
+            log(f"offline ceiling ({runtime}): Predictor on the replica's CPUs, batch sizes 1..32, no HTTP")
+            task = ray.remote(offline_ceiling).options(num_cpus=options.num_cpus)
+            ceilings[runtime] = ray.get(task.remote(model, texts, max(1, int(options.num_cpus)), 8,
+                                                    options.ceiling_seconds, runtime))  # fmt: skip
+            log(f"ceiling ({runtime}): {ceilings[runtime]}")
+        ray.shutdown()
+    naive = endpoints.pop("naive", None)
+    limit = max(c["limit_texts_per_s"] for c in ceilings.values())  # the best runtime's ceiling
+    best = max(endpoints, key=lambda name: endpoints[name]["rps"])
+    batched = endpoints.get("proxy-torch")
     print(json.dumps({
         "benchmark": "serve_load",
         "model": "minilm",
@@ -245,15 +292,20 @@ def main() -> None:
         "num_cpus_per_replica": options.num_cpus,
         "max_batch_size": options.max_batch_size,
         "batch_wait_ms": options.batch_wait_ms,
-        "batched": batched,
+        "endpoints": endpoints,
         "naive": naive,
-        "speedup": round(batched["rps"] / max(naive["rps"], 1e-9), 2),
-        "offline": ceiling["texts_per_s"],
-        "limit_texts_per_s": ceiling["limit_texts_per_s"],
-        "served_texts_per_s": batched["rps"],  # one text per request
-        "of_limit": round(batched["rps"] / ceiling["limit_texts_per_s"], 3),
-        "p99_ratio": round(batched["p99_ms"] / max(naive["p99_ms"], 1e-9), 2),
-        "goal": ">= 3x naive rps at equal or lower p99",
+        "speedup_batched_vs_naive": round(batched["rps"] / naive["rps"], 2) if batched and naive else None,
+        "offline": {runtime: c["texts_per_s"] for runtime, c in ceilings.items()},
+        "limit_by_runtime": {runtime: c["limit_texts_per_s"] for runtime, c in ceilings.items()},
+        "of_limit_by_endpoint": {
+            name: round(e["rps"] / ceilings[name.split("-", 1)[1]]["limit_texts_per_s"], 3)
+            for name, e in endpoints.items()
+        },
+        "best_endpoint": best,
+        "limit_texts_per_s": limit,
+        "served_texts_per_s": endpoints[best]["rps"],  # one text per request
+        "of_limit": round(endpoints[best]["rps"] / limit, 3),
+        "goal": "of_limit >= 0.9; served >= 1.5 x 50.6",
         "load_avg_1m": [round(load_before, 1), round(os.getloadavg()[0], 1)],
         "cpu_count": os.cpu_count(),
     }), flush=True)  # fmt: skip
