@@ -83,6 +83,7 @@ def test_haproxy_without_a_token_is_refused_before_ray_starts(model, capsys, mon
 def test_haproxy_mode_answers_like_the_predictor_and_every_port_wants_the_token(model, tmp_path):
     from tl_ray.serve.predictor import Predictor
 
+    before = _haproxies()
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
     port = _free_port()
@@ -90,7 +91,8 @@ def test_haproxy_mode_answers_like_the_predictor_and_every_port_wants_the_token(
     server = subprocess.Popen(
         [sys.executable, "-m", "tl_ray", "serve", str(model), "--ingress", "haproxy", "--host", "127.0.0.1",
          "--port", str(port), "--token-file", str(token_file), "--num-cpus", "0.5", "--max-replicas", "1"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+        env=env, stdout=subprocess.PIPE, stderr=(tmp_path / "stderr").open("w"), text=True,
+        start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/v1/predict"
     auth = {"authorization": f"Bearer {TOKEN}"}
@@ -104,7 +106,8 @@ def test_haproxy_mode_answers_like_the_predictor_and_every_port_wants_the_token(
             except httpx.HTTPError:
                 pass
             time.sleep(1)
-        assert answer is not None and answer.status_code == 200, "the HAProxy endpoint did not come up"
+        if answer is None or answer.status_code != 200:
+            pytest.fail("the HAProxy endpoint did not come up: " + (tmp_path / "stderr").read_text()[-3000:])
         expected = Predictor(model).predict(TEXTS)
         got = answer.json()["predictions"]
         assert [p["label"] for p in got] == [p["label"] for p in expected]
@@ -122,10 +125,20 @@ def test_haproxy_mode_answers_like_the_predictor_and_every_port_wants_the_token(
         info = httpx.get(f"http://127.0.0.1:{port}/v1/model", headers=auth, timeout=10).json()
         assert info["runtime"] == "torch"
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        server.send_signal(signal.SIGTERM)  # as `kill` and Kubernetes stop it
         try:
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
     lines = [json.loads(line) for line in server.stdout.read().splitlines() if line.startswith("{")]
     assert lines and lines[0]["url"] == f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30  # stopping tl-ray serve leaves no HAProxy holding ports
+    while (left := _haproxies() - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"HAProxy processes outlived tl-ray serve: {sorted(left)}"
+
+
+def _haproxies() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "haproxy"}

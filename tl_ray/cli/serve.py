@@ -327,29 +327,29 @@ def serve(
 
     if detach and not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
         raise ConfigError("--detach needs --address or RAY_ADDRESS: a local Ray ends with this command")
-    if args.ingress == "haproxy":
-        _ask_for_haproxy(address)
+    embedded = not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
+    if args.ingress == "haproxy" and embedded:
+        _ask_for_haproxy()
     deployed = _deploy(args, address=address, name=name, prefix=route_prefix, host=host, port=port)
     emit({**deployed, "source": str(source)})
     if not detach:
-        _wait_for_interrupt(name)
+        _wait_for_interrupt(name, embedded)
 
 
-def _ask_for_haproxy(address: str | None) -> None:
+def _ask_for_haproxy() -> None:
     """Serve's high-throughput mode is read from the environment of the process that starts
-    Ray: an embedded local Ray started here gets it; a running cluster must have been started
-    with it (the replicas check, and refuse to start otherwise)."""
-    import ray
-
+    Ray: the embedded local Ray this command starts gets it; a running cluster must have been
+    started with it (its replicas check, and refuse to start otherwise)."""
     from tl_ray.serve.app import HA_PROXY_ENV
 
-    if address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
-        return
     os.environ.update({name: "1" for name in HA_PROXY_ENV})
 
 
-def _wait_for_interrupt(name: str) -> None:
-    """Serve until Ctrl-C or SIGTERM (what `kill`, systemd and Kubernetes send), then undeploy."""
+def _wait_for_interrupt(name: str, embedded: bool) -> None:
+    """Serve until Ctrl-C or SIGTERM (what `kill`, systemd and Kubernetes send), then undeploy.
+
+    On the embedded Ray this command started, Serve itself is shut down too: its proxies
+    stop their own processes (HAProxy's survives an abrupt end of Ray and keeps its ports)."""
     import signal
 
     from ray import serve
@@ -363,3 +363,5 @@ def _wait_for_interrupt(name: str) -> None:
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.delete(name)
+        if embedded:
+            serve.shutdown()
