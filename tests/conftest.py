@@ -1,4 +1,4 @@
-"""Shared fixtures: one local Ray for the session, a tiny BERT, and small datasets."""
+"""Shared fixtures: one local Ray for the session, a tiny BERT, tiny word vectors, and small datasets."""
 
 from __future__ import annotations
 
@@ -47,6 +47,21 @@ def tiny_bert(tmp_path_factory, minilm_path) -> str:
 @pytest.fixture(scope="session")
 def sentiment_csv(tmp_path_factory) -> Path:
     return write_csv(tmp_path_factory.mktemp("data") / "sentiment.csv", make_sentiment_rows(240))
+
+
+@pytest.fixture(scope="session")
+def tiny_vectors(tmp_path_factory) -> str:
+    """A 16-dimensional gensim FastText model (with n-grams) on the toy sentiment texts."""
+    from gensim.models import FastText
+
+    sentences = [text.split() for text, _ in make_sentiment_rows(200)]
+    model = FastText(vector_size=16, window=3, min_count=1, bucket=2000, min_n=3, max_n=5,
+                     epochs=5, workers=1, seed=0)  # fmt: skip
+    model.build_vocab(sentences)
+    model.train(sentences, total_examples=len(sentences), epochs=model.epochs)
+    path = tmp_path_factory.mktemp("vectors") / "tiny-fasttext.model"
+    model.save(str(path), sep_limit=2**62)  # one file
+    return str(path)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 
 hf-text folders use the 2-layer `tiny_bert` (cls pooling through BERT's pooler, LoRA, mean
 pooling); the keras-image folder is MobileNetV2 (alpha 0.35, 32x32, random weights); the
-word-vectors folder uses FastText vectors trained here in a second.
+word-vectors folder uses the session's `tiny_vectors` (FastText trained in a second).
 """
 
 from __future__ import annotations
@@ -96,24 +96,16 @@ def keras_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def wv_folder(tmp_path_factory) -> Path:
+def wv_folder(tmp_path_factory, tiny_vectors) -> Path:
     import torch
-    from gensim.models import FastText
-    from helpers import make_sentiment_rows
 
     from tl_ray.backbones.registry import get_backbone
     from tl_ray.config import WordVectorsConfig
 
-    sentences = [text.split() for text, _ in make_sentiment_rows(60)]
-    vectors = FastText(vector_size=8, window=3, min_count=1, bucket=500, min_n=3, max_n=4,
-                       epochs=2, workers=1, seed=0)  # fmt: skip
-    vectors.build_vocab(sentences)
-    vectors.train(sentences, total_examples=len(sentences), epochs=vectors.epochs)
-    root = tmp_path_factory.mktemp("wv")
-    vectors.save(str(root / "tiny.model"), sep_limit=2**62)
     torch.manual_seed(3)
-    backbone = get_backbone(WordVectorsConfig(vectors=str(root / "tiny.model"), encoder="cnn",
+    backbone = get_backbone(WordVectorsConfig(vectors=tiny_vectors, encoder="cnn",
                                               cnn_filters=[2, 3], cnn_maps=4))  # fmt: skip
+    root = tmp_path_factory.mktemp("wv")
     return _write(root / "model", backbone, backbone.build(len(LABELS)))
 
 

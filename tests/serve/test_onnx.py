@@ -61,22 +61,6 @@ def _hf_folder(folder: Path, tiny_bert: str, options: dict) -> Path:
     return _write(folder, backbone, model)
 
 
-@pytest.fixture(scope="module")
-def tiny_vectors(tmp_path_factory) -> str:
-    from gensim.models import FastText
-
-    from helpers import make_sentiment_rows
-
-    sentences = [text.split() for text, _ in make_sentiment_rows(60)]
-    model = FastText(vector_size=8, window=3, min_count=1, bucket=500, min_n=3, max_n=4,
-                     epochs=2, workers=1, seed=0)  # fmt: skip
-    model.build_vocab(sentences)
-    model.train(sentences, total_examples=len(sentences), epochs=model.epochs)
-    path = tmp_path_factory.mktemp("vectors") / "tiny.model"
-    model.save(str(path), sep_limit=2**62)
-    return str(path)
-
-
 def _wv_folder(folder: Path, vectors: str, options: dict) -> Path:
     from tl_ray.backbones.registry import get_backbone
     from tl_ray.config import WordVectorsConfig
