@@ -44,6 +44,11 @@ def open_study(url: str, name: str, mode: str):
     import optuna
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
+    # tl-ray prints its own line per trial and epoch: Optuna's INFO lines ("A new study
+    # created ...") and its warnings that heartbeats, retries and `group` are experimental
+    # (they are what tl-ray relies on, pinned in constraints.txt) stay off the terminal.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
         storage = optuna.storages.RDBStorage(
             url,
