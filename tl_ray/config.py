@@ -218,6 +218,11 @@ class SearchConfig(_Strict):
     # (no Train run to start per trial); "ray-train" gives every trial its own Ray Train run
     # (TorchTrainer / TensorflowTrainer); "auto" is in-process when train.num_workers is 1.
     trial_runner: Literal["auto", "in-process", "ray-train"] = "auto"
+    # MLflow tracking URI (e.g. sqlite:///mlflow.db or http://mlflow:5000): one MLflow run per
+    # trial, its parameters and per-epoch metrics. Default off (TensorBoard files are always
+    # written under OUTPUT/tensorboard). Needs the `tracking` extra.
+    mlflow_uri: str | None = None
+    mlflow_experiment: str | None = None  # default: the output folder's name
 
 
 class RunConfig(_Strict):

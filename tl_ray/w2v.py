@@ -249,9 +249,12 @@ def run_as_task(fn: Callable[..., dict[str, Any]], *, cpus: int, address: str | 
     """Run `fn(**kwargs)` as a Ray task holding `cpus` CPUs (local Ray or `address`)."""
     import ray
 
+    from tl_ray import ray_logs
     from tl_ray.train.driver import ensure_ray
 
     ensure_ray(address)
+    if "out" in kwargs:  # under `tl-ray`: Ray's output beside the model it writes
+        ray_logs.log_to(Path(kwargs["out"]).parent)
     if cpus < 1:
         raise ConfigError(f"--workers must be >= 1, got {cpus}")
     available = ray.cluster_resources().get("CPU", 0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from typing import Any
@@ -27,9 +26,28 @@ _state = {"debug": False}
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Show Ray's own logs live (always in OUTPUT/ray.log)."
+    ),
 ) -> None:
+    from tl_ray import ray_logs
+
     _state["debug"] = debug
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ray_logs.quiet(verbose)  # Ray's chatter to the experiment folder's ray.log, not here
+
+
+def _global_flags_first(argv: list[str]) -> list[str]:
+    """`tl-ray tune x.yaml --verbose` works as `tl-ray --verbose tune x.yaml` does.
+
+    >>> _global_flags_first(["tune", "x.yaml", "--verbose", "--", "-v"])
+    ['--verbose', 'tune', 'x.yaml', '--', '-v']
+    """
+    end = argv.index("--") if "--" in argv else len(argv)
+    flags = [arg for arg in argv[:end] if arg in _GLOBAL_FLAGS]
+    return flags + [arg for arg in argv[:end] if arg not in _GLOBAL_FLAGS] + argv[end:]
+
+
+_GLOBAL_FLAGS = ("--verbose", "-v", "--debug")
 
 
 def emit(payload: Any) -> None:
@@ -45,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=_global_flags_first(sys.argv[1:] if argv is None else list(argv)), standalone_mode=False)
     except TLRayError as error:
         if _state["debug"]:
             raise

@@ -6,6 +6,8 @@ Experiment folder (`output` of the run config):
     tune_<time>/     Ray Tune's folders, one per launch (first run and each resume)
     trials/<id>/     each trial's Ray Train run and its checkpoints
     trials.parquet   every trial's parameters and per-epoch metrics
+    tensorboard/     trial_<n>/ TensorBoard event files: per-epoch metrics and parameters
+    ray.log          Ray's own output (under `tl-ray`; `--verbose` also shows it live)
     best.json        the best trial; its model is exported to model/
 
 Example:
@@ -26,8 +28,10 @@ from typing import Any, Callable
 import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+from tl_ray import ray_logs
 from tl_ray.backbones.registry import get_backbone
 from tl_ray.config import RunConfig, SearchConfig, apply_overrides, parse_config
 from tl_ray.data import Datasets, load_datasets
@@ -36,6 +40,7 @@ from tl_ray.io import write_json_atomic
 from tl_ray.search.progress import EpochLog, SearchProgress
 from tl_ray.search.results import BEST_FILE, LOG_FILE, export_results
 from tl_ray.search.searcher import BestEpochOptunaSearch, continued_seed
+from tl_ray.search.tracking import MLflowTrials, TensorBoardTrials, open_mlflow, tensorboard_dir
 from tl_ray.search.study import (
     Heartbeat,
     finished_trials,
@@ -231,6 +236,7 @@ def _launch(cfg: RunConfig, space: SearchSpace, folder: Path, study_name: str, *
     # the same metric, or the winning epoch's checkpoint may already be deleted.
     cfg = parse_config(apply_overrides(cfg.model_dump(), [f"train.metric={space.metric}"]))
     options = cfg.search
+    ray_logs.log_to(folder)  # under `tl-ray`: Ray's output to FOLDER/ray.log
     storage, study = open_study(_storage_url(cfg, folder), study_name, space.mode)
     if study.get_trials(deepcopy=False):
         alive = settle_stale_trials(study)  # a dead driver's trials: failed, retries queued
@@ -288,9 +294,17 @@ def _run_tuner(cfg, space, folder, storage, remaining, datasets, echo, seed, stu
     # Tune's own console output (an experiment box, a TensorBoard hint into Ray's temp folder)
     # stays off: tl-ray prints a line per epoch and trial (SearchProgress). Set it to 1 to see it.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Tune's result.json / progress.csv stay; its TensorBoard files (one folder per launch, step
+    # = iteration) give way to tl-ray's: OUTPUT/tensorboard/trial_<n>, step = epoch.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    tracking = [JsonLoggerCallback(), CSVLoggerCallback(), TensorBoardTrials(folder, space.metric)]
+    if options.mlflow_uri:
+        experiment = open_mlflow(options.mlflow_uri, options.mlflow_experiment or folder.name)
+        tracking.append(MLflowTrials(options.mlflow_uri, experiment, study_name))
     own_process = in_process(cfg)
     runner = "in-process" if own_process else "a Ray Train run each"
     echo(f"searching {remaining} trials, {concurrency} at a time ({runner}), sampler {options.sampler}")
+    echo(f"curves: tensorboard --logdir {tensorboard_dir(folder)}")
     launch = run_name("tune")
     trainable = tune.with_parameters(
         _trial,
@@ -317,7 +331,7 @@ def _run_tuner(cfg, space, folder, storage, remaining, datasets, echo, seed, stu
             name=launch,
             storage_path=str(folder),
             callbacks=[SearchProgress(space.metric, space.mode, cfg.train.epochs, echo),
-                       EpochLog(folder / LOG_FILE, launch)],  # fmt: skip
+                       EpochLog(folder / LOG_FILE, launch), *tracking],  # fmt: skip
             # A trial in its own process restarts after a crash and resumes from its last
             # checkpoint; a Ray Train run restarts its own workers (train.max_failures).
             failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures if own_process else 0),

@@ -22,14 +22,17 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from tl_ray import ray_logs
 from tl_ray.backbones.registry import get_backbone
 from tl_ray.config import RunConfig
 from tl_ray.data import Datasets, load_datasets
 from tl_ray.errors import ConfigError, TLRayError
 from tl_ray.storage import check_reachable, fetch_checkpoint, storage_location
 from tl_ray.train.checkpoint import export_model_folder
+from tl_ray.train.events import EpochWriter, tensorboard_dir
 from tl_ray.train.feature_cache import ensure_cache, plan_cache
 from tl_ray.train.loop import run_torch_loop, train_loop_per_worker
+from tl_ray.train.relay import epochs_to
 
 __all__ = ["TrainOutcome", "build_trainer", "ensure_ray", "run_in_trial", "run_name", "train", "worker_resources"]
 
@@ -50,11 +53,13 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
     and with two local Ray instances on one machine that lookup fails, leaking the placement
     groups of trials that Tune stopped (a later trial then waits for CPUs forever).
     """
+    ray_logs.attach()  # under `tl-ray`: Ray's output to OUTPUT/ray.log, not the terminal
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is not None:
         ray.init(address=address, logging_level=logging.WARNING)
+        ray_logs.attach()
         return
     api = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{_free_port()}"}
     ray.init(
@@ -65,16 +70,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
         runtime_env={"env_vars": api},
     )
     os.environ.update(api)  # this process's State API calls go to the same instance
-
-
-class _EpochPrinter(ray.train.UserCallback):
-    """Hands each reported epoch's metrics to `on_epoch` on the driver."""
-
-    def __init__(self, on_epoch: Callable[[dict[str, Any]], None]) -> None:
-        self.on_epoch = on_epoch
-
-    def after_report(self, run_context, metrics, checkpoint) -> None:  # noqa: ANN001
-        self.on_epoch(dict(metrics[0]))
+    ray_logs.attach()
 
 
 # Backbone kinds trained by the Keras loop under TensorflowTrainer; every other kind: torch.
@@ -256,26 +252,38 @@ def train(
     ensure_ray(address)
     output = Path(cfg.output).expanduser().resolve()
     output.mkdir(parents=True, exist_ok=True)
+    ray_logs.log_to(output)
     storage = storage_location(cfg.storage_path, output)  # checkpoints: storage_path or output
     check_reachable(storage)  # on a multi-node cluster every node must see a plain path
-    trainer = build_trainer(
-        cfg,
-        datasets,
-        storage_path=storage,
-        name=run_name(),
-        callbacks=[_EpochPrinter(on_epoch)] if on_epoch else None,
-        cache_dir=f"{storage.rstrip('/')}/cache",  # under storage_path: every node can fetch it
-    )
+    name = run_name()
+    events = EpochWriter(tensorboard_dir(output) / name)  # TensorBoard: OUTPUT/tensorboard/<run>
+
+    def report(metrics: dict[str, Any]) -> None:
+        events.write(metrics)
+        if on_epoch is not None:
+            on_epoch(metrics)
+
     try:
-        result = trainer.fit()
+        with epochs_to(report) as relay:  # the controller's reports, handled here
+            trainer = build_trainer(
+                cfg,
+                datasets,
+                storage_path=storage,
+                name=name,
+                callbacks=[relay],
+                cache_dir=f"{storage.rstrip('/')}/cache",  # under storage_path: every node can fetch it
+            )
+            result = trainer.fit()
     except ray.train.TrainingFailedError as error:
         user_error = _user_error(error)
         if user_error is not None:
             raise user_error from None
         raise
+    finally:
+        events.close()
     best = result.get_best_checkpoint(cfg.train.metric, cfg.train.metric_mode) or result.checkpoint
     if best is None:
-        raise TLRayError("training reported no checkpoint; see the worker logs above")
+        raise TLRayError(f"training reported no checkpoint; see the worker logs in {output / ray_logs.LOG_NAME}")
     model_dir = export_model_folder(fetch_checkpoint(best.path, storage), output / "model")
     from tl_ray.train.checkpoint import read_manifest
 
