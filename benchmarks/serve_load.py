@@ -40,7 +40,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
 import sys
 import tempfile
@@ -193,11 +192,6 @@ def offline_ceiling(
     return {"texts_per_s": per_size, "limit_texts_per_s": best, "threads": threads}
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 def serve_round(model: str, texts: list[str], options, *, ingress: str, naive: bool) -> dict[str, Any]:
     """One Ray + Serve instance with `ingress`: each runtime's batched app (and the naive one),
@@ -206,6 +200,7 @@ def serve_round(model: str, texts: list[str], options, *, ingress: str, naive: b
     import ray
     from ray import serve
 
+    from tl_ray.net import free_port
     from tl_ray.serve.app import HA_PROXY_ENV, ServeArgs, build_app
     from tl_ray.train.driver import ensure_ray
 
@@ -214,7 +209,7 @@ def serve_round(model: str, texts: list[str], options, *, ingress: str, naive: b
     if ingress == "haproxy":
         os.environ.update({name: "1" for name in HA_PROXY_ENV})
     ensure_ray(num_cpus=int(2 * options.num_cpus))
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     results: dict[str, Any] = {}
     apps = [(f"{ingress}-{runtime}", runtime) for runtime in options.runtimes]

@@ -6,6 +6,10 @@ import csv
 import random
 from pathlib import Path
 
+from tl_ray.net import free_port
+
+__all__ = ["free_port", "make_sentiment_rows", "write_csv"]
+
 POSITIVE = "good great wonderful superb delightful moving brilliant charming".split()
 NEGATIVE = "bad awful boring dull terrible clumsy tedious weak".split()
 FILLER = "the film plot actors story scenes was is a and with its".split()
@@ -29,3 +33,4 @@ def write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
         writer.writerow(["text", "label"])
         writer.writerows(rows)
     return path
+

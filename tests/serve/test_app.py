@@ -19,7 +19,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import yaml
 from tl_ray.cli.app import main
 from tl_ray.cli.serve import versioned_model
 from tl_ray.client import Client
+from helpers import free_port
 
 TEXTS = ["a good, moving film", "dull and tedious", "the plot is weak but the actors are great"]
 APP, CLI_APP, TOKEN = "tlr", "cli", "test-token-123"
@@ -42,11 +42,6 @@ TLR_OPTIONS = [
     "--max-texts", "4", "--max-text-chars", "100", "--max-body-bytes", "2048",
 ]  # fmt: skip
 
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _model_folder(folder: Path, tiny_bert: str, seed: int) -> Path:
@@ -221,7 +216,7 @@ def served(ray_session, models):
     """Serve on a free port with apps `tlr` (exported config) and `cli` (token); shut after."""
     from ray import serve
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     experiment, config_file = str(models["experiment"]), str(models["config"])
     _cli("serve", experiment, "--export-config", config_file, "--name", APP, "--port", str(port),

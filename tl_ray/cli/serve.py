@@ -20,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -345,14 +347,17 @@ def _ask_for_haproxy() -> None:
     os.environ.update({name: "1" for name in HA_PROXY_ENV})
 
 
+# How long Serve may take to drain and stop before the embedded Ray is stopped outright: well
+# inside Kubernetes' 30 s between SIGTERM and SIGKILL.
+STOP_GRACE_S = 6.0
+
+
 def _wait_for_interrupt(name: str, embedded: bool) -> None:
     """Serve until Ctrl-C or SIGTERM (what `kill`, systemd and Kubernetes send), then undeploy.
 
     On the embedded Ray this command started, Serve itself is shut down too: its proxies
     stop their own processes (HAProxy's survives an abrupt end of Ray and keeps its ports)."""
     import signal
-
-    from ray import serve
 
     def _stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -362,6 +367,54 @@ def _wait_for_interrupt(name: str, embedded: bool) -> None:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        serve.delete(name)
-        if embedded:
-            serve.shutdown()
+        pass
+    for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C does not cut the cleanup short
+        signal.signal(signum, signal.SIG_IGN)
+    _stop_serving(name, embedded, STOP_GRACE_S)
+
+
+def _stop_serving(name: str, embedded: bool, grace_s: float) -> None:
+    """Undeploy (and on the embedded Ray shut Serve down) within `grace_s`, then stop the
+    embedded Ray. A signal sent to the whole process group (`kill -TERM -PGID`, systemd's
+    control-group stop) also reaches Ray's own processes: Serve's controller may be gone, and
+    waiting on it would hang until the next SIGKILL."""
+    import threading
+
+    import ray
+    from ray import serve
+
+    def graceful() -> None:
+        try:
+            serve.delete(name)
+            if embedded:
+                serve.shutdown()
+        except Exception as error:  # Ray already half gone: the hard stop below follows
+            logging.getLogger("tl_ray.serve").info(f"Serve shutdown: {error}")
+
+    worker = threading.Thread(target=graceful, name="tl-ray-serve-stop", daemon=True)
+    worker.start()
+    deadline = time.monotonic() + grace_s
+    while worker.is_alive() and time.monotonic() < deadline and not (embedded and _ray_lost()):
+        worker.join(0.25)
+    if worker.is_alive():
+        logging.getLogger("tl_ray.serve").warning(f"Serve did not stop within {grace_s:g} s; stopping Ray")
+    if embedded:
+        stopper = threading.Thread(target=ray.shutdown, name="tl-ray-ray-stop", daemon=True)
+        stopper.start()
+        stopper.join(3.0)
+        if stopper.is_alive():  # nothing left to wait for: leave now, not at Kubernetes' SIGKILL
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+
+
+def _ray_lost() -> bool:
+    """Whether a process of the embedded Ray (raylet, GCS, ...) has died: Serve cannot stop
+    gracefully any more."""
+    from ray._private import worker  # Ray's handle on the local node it started
+
+    node = getattr(worker, "_global_node", None)
+    try:
+        return node is not None and bool(node.dead_processes())
+    except Exception:
+        return False

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -33,16 +32,12 @@ from tl_ray.train.events import EpochWriter, tensorboard_dir
 from tl_ray.train.feature_cache import ensure_cache, plan_cache
 from tl_ray.train.loop import run_torch_loop, train_loop_per_worker
 from tl_ray.train.relay import epochs_to
+from tl_ray.net import free_port
 
 __all__ = ["TrainOutcome", "build_trainer", "ensure_ray", "run_in_trial", "run_name", "train", "worker_resources"]
 
 log = logging.getLogger("tl_ray.train")
 
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
@@ -61,7 +56,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
         ray.init(address=address, logging_level=logging.WARNING)
         ray_logs.attach()
         return
-    api = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{_free_port()}"}
+    api = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{free_port()}"}
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=True,
