@@ -62,7 +62,7 @@ def test_tune_prints_only_tl_rays_lines_and_logs_ray_to_the_experiment_folder(ti
     assert not noise, noise
     assert json.loads(done.stdout.splitlines()[-1])["trials"] == 2  # stdout: the result only
     log = (tmp_path / "out" / "ray.log").read_text(encoding="utf-8")
-    assert log.startswith("--- tl-ray tune ")  # Ray's lines (if any) went here, not to the terminal
+    assert log.startswith("--- tl-ray tune ") and "Token authentication" in log  # Ray's lines went here
 
 
 def test_train_prints_one_line_per_epoch_and_verbose_shows_rays_logs_live(tiny_bert, tmp_path):

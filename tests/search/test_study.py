@@ -51,3 +51,14 @@ def test_a_dead_drivers_trial_is_failed_and_retried_with_its_parameters(tmp_path
     assert interrupted_numbers(study) == {orphan.number}
     assert successors(study) == {orphan.number: retry.number}
     assert finished_trials(study) == 1  # the interrupted trial does not count against the budget
+
+
+def test_a_trial_whose_driver_died_before_its_first_heartbeat_is_failed_and_retried(tmp_path, quick_heartbeats):
+    """Killed between Optuna's ask and the first heartbeat: no heartbeat row, yet retried."""
+    storage, study = open_study(f"sqlite:///{tmp_path / 's.db'}", "tl-ray-x-4", "min")
+    orphan = study.ask()  # no heartbeat recorded, no parameters sampled yet
+    assert settle_stale_trials(study, wait_s=1, poll_s=0.5) == 1  # younger than the grace: kept
+    assert settle_stale_trials(study, wait_s=10, poll_s=0.5) == 0
+    assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]
+    assert interrupted_numbers(study) == {orphan.number}
+    assert finished_trials(study) == 0

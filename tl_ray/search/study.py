@@ -115,10 +115,45 @@ def settle_stale_trials(study, wait_s: float = GRACE_S + 2 * HEARTBEAT_S, poll_s
     deadline = time.monotonic() + wait_s
     while True:
         optuna.storages.fail_stale_trials(study)
+        _fail_never_beaten(study)
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if not running or time.monotonic() >= deadline:
             return len(running)
         time.sleep(poll_s)
+
+
+def _fail_never_beaten(study) -> None:
+    """Fail (and retry) RUNNING trials older than the grace period that never had a heartbeat.
+
+    A driver records a trial's first heartbeat right after asking for it; one killed in
+    between leaves a trial Optuna's `fail_stale_trials` never fails (it only looks at trials
+    with a heartbeat). No live driver leaves a trial that long without one.
+    """
+    import datetime
+
+    from optuna.storages import RDBStorage
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from optuna.trial import TrialState
+
+    storage = study._storage
+    backend = getattr(storage, "_backend", storage)  # Optuna wraps an RDBStorage in a cache
+    if not isinstance(backend, RDBStorage):
+        return
+    old = datetime.datetime.now() - datetime.timedelta(seconds=GRACE_S)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.datetime_start is None or trial.datetime_start > old:
+            continue
+        with _create_scoped_session(backend.scoped_session) as session:
+            if models.TrialHeartbeatModel.where_trial_id(trial._trial_id, session) is not None:
+                continue
+        try:
+            storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        except Exception:  # noqa: BLE001  another process settled it first
+            continue
+        callback = storage.get_heartbeat_stale_trial_callback()
+        if callback is not None:
+            callback(study, storage.get_trial(trial._trial_id))
 
 
 def run_name_of(trial) -> str:
