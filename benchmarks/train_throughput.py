@@ -4,11 +4,12 @@ Both paths train the same backbone (default: bundled MiniLM, full fine-tune) on 
 data, batch size, max length and intra-op thread count, in ONE process run:
 
 1. plain: a single-process PyTorch loop in this (driver) process, BEFORE Ray is started,
-   so no Ray daemon competes with it for the CPU. It mirrors tl_ray/train/loop.py step for
-   step: `backbone.preprocess` per batch (tokenisation is inside the timed window, as in the
-   Ray loop), cross-entropy, backward, grad-norm clip, AdamW step, linear-warmup scheduler
-   step, `loss.item()`. Batches come from a seeded permutation of the training rows.
-   No validation pass (it is outside the Ray loop's timed window too).
+   so no Ray daemon competes with it for the CPU. It runs the torch loop's own epoch
+   (`tl_ray.train.step.TrainStep.epoch`: `backbone.preprocess` per batch inside the timed
+   window, as in the Ray loop, then forward, cross-entropy, backward, grad-norm clip, AdamW
+   step, schedule step) over the loop's batches of an in-memory shard (`TableShard`, the
+   in-process trial's: a seeded permutation of the training rows each epoch). No validation
+   pass (it is outside the Ray loop's timed window too).
 2. ray: `ray.init(num_cpus=threads)`, then `tl_ray.train.driver.build_trainer(...).fit()`
    with 1 worker holding `threads` CPUs. Cluster start is excluded.
 
@@ -194,69 +195,45 @@ def padded_tokens_per_sample(backbone: Any, batches: list[list[str]], max_length
 
 
 def run_plain(cfg: Any, datasets: Any, threads: int) -> dict[str, Any]:
-    """Train like tl_ray.train.loop, single process, no Ray; per-epoch samples/s."""
-    import numpy as np
+    """Train with tl_ray.train.loop's own step (`TrainStep`), single process, no Ray; per-epoch samples/s."""
     import torch
-    from torch import nn
 
     from tl_ray.backbones.registry import get_backbone
-    from tl_ray.train.loop import _linear_warmup  # the very schedule the Ray loop uses
+    from tl_ray.train.loop import _batches  # the loop's batching, over the in-process trial's shard
+    from tl_ray.train.session import TableShard
+    from tl_ray.train.step import TrainStep
 
     torch.set_num_threads(threads)
     tcfg = cfg.train
     torch.manual_seed(tcfg.seed)
-    texts = datasets.train.column("text").to_pylist()
-    labels = datasets.train.column("label").to_numpy()
-    rows = len(texts)
-    steps_per_epoch = math.ceil(rows / tcfg.batch_size)
-    total_steps = steps_per_epoch * tcfg.epochs
+    device = torch.device("cpu")
+    shard = TableShard(datasets.train)  # seeded: a fresh permutation of the rows each epoch
+    total_steps = math.ceil(datasets.train.num_rows / tcfg.batch_size) * tcfg.epochs
 
     backbone = get_backbone(cfg.backbone)
     model = backbone.build(num_labels=len(datasets.labels))
     backbone.apply_unfreeze(model)
-    groups = backbone.param_groups(
-        model, tcfg.lr, tcfg.weight_decay, getattr(cfg.backbone, "lr_decay", 1.0)
-    )
-    trainable = [p for group in groups for p in group["params"]]
-    optimizer = torch.optim.AdamW(groups)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _linear_warmup(total_steps, tcfg.warmup_ratio)
-    )
-    loss_fn = nn.CrossEntropyLoss()
+    step = TrainStep.build(backbone, model, model, cfg, total_steps=total_steps, device=device)
+
+    def inputs_of(batch: dict[str, Any]) -> dict[str, Any]:  # the loop's, without a feature cache
+        return backbone.preprocess(list(batch["text"]), tcfg.max_length)
 
     per_epoch: list[float] = []
-    last_batches: list[list[str]] = []
     cpu: dict[str, float] = {}
     for epoch in range(1, tcfg.epochs + 1):
-        order = np.random.default_rng(tcfg.seed + epoch).permutation(rows)
-        model.train()
         before = cpu_snapshot(os.getpid()) if epoch == tcfg.epochs else None
-        started, seen = time.perf_counter(), 0
-        batches = []
-        for start in range(0, rows, tcfg.batch_size):
-            index = order[start : start + tcfg.batch_size]
-            batch_texts = [texts[i] for i in index]
-            batches.append(batch_texts)
-            inputs = backbone.preprocess(batch_texts, tcfg.max_length)
-            targets = torch.tensor(labels[index])
-            loss = loss_fn(backbone.logits(model, inputs).float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if tcfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(trainable, tcfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            seen += len(targets)
-            _ = loss.item() * len(targets)
+        started = time.perf_counter()
+        seen, loss_sum = step.epoch(_batches(shard, tcfg.batch_size, tcfg.seed + epoch), inputs_of)
+        _ = loss_sum.item()  # the loop reads it once an epoch too
         elapsed = time.perf_counter() - started
         if before is not None:
             cpu = cpu_split(before, cpu_snapshot(os.getpid()), os.getpid())
         per_epoch.append(seen / elapsed)
-        last_batches = batches
         log(f"plain epoch {epoch}: {seen} samples in {elapsed:.2f}s = {seen / elapsed:.1f} samples/s")
-    tokens = padded_tokens_per_sample(backbone, last_batches, tcfg.max_length)
+    last = _batches(shard, tcfg.batch_size, tcfg.seed + tcfg.epochs)  # the same order again
+    tokens = padded_tokens_per_sample(backbone, [list(batch["text"]) for batch in last], tcfg.max_length)
     threads_used = torch.get_num_threads()
-    del model, optimizer, scheduler, groups, trainable
+    del model, step
     gc.collect()
     log(f"plain last epoch CPU use (cores): {cpu}")
     return {"per_epoch": per_epoch, "tokens_per_sample": tokens, "torch_threads": threads_used, "cpu": cpu}

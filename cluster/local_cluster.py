@@ -16,12 +16,14 @@ State (default ~/.tl-ray/local-cluster, or $TLRAY_CLUSTER_DIR):
                  get TL_RAY_CACHE_DIR pointing there, as separate machines would have
                  separate disks (removed by `down`)
 
-Stdlib only, so it runs with any Python that can reach the `ray` executable. Linux (/proc).
+Stdlib only, so it runs with any Python that can reach the `ray` executable (it loads
+tl_ray/io.py, itself stdlib only, by path). Linux (/proc).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import secrets
@@ -41,6 +43,17 @@ NODE_CACHE_ENV = "TL_RAY_CACHE_DIR"  # tl_ray.train.feature_cache.CACHE_DIR_ENV
 STATE_FILE = "state.json"
 HEAD_PORTS = ("gcs", "dashboard", "client")
 NODE_PORTS = ("node_manager", "object_manager", "agent_http", "agent_grpc", "runtime_env", "metrics")
+
+
+def _load_io():
+    """tl_ray/io.py by path: atomic writes without importing the tl_ray package."""
+    spec = importlib.util.spec_from_file_location("tl_ray_io", Path(__file__).resolve().parents[1] / "tl_ray" / "io.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_io = _load_io()
 
 
 def _die(message: str) -> None:
@@ -104,9 +117,7 @@ def _load_state(directory: Path) -> dict | None:
 
 
 def _write_state(directory: Path, state: dict) -> None:
-    tmp = directory / f".{STATE_FILE}.tmp"
-    tmp.write_text(json.dumps(state, indent=2), encoding="utf-8")
-    os.replace(tmp, directory / STATE_FILE)
+    _io.write_json_atomic(directory / STATE_FILE, state)
 
 
 def _ray_start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:

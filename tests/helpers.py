@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
+import json
 import random
+import subprocess
+import sys
 from pathlib import Path
+from typing import Sequence
 
 from tl_ray.net import free_port
 
-__all__ = ["free_port", "make_sentiment_rows", "write_csv"]
+__all__ = ["TL_RAY", "cli_lines", "free_port", "json_lines", "make_sentiment_rows", "run_cli",
+           "run_tl_ray", "write_csv"]  # fmt: skip
+
+TL_RAY = [sys.executable, "-m", "tl_ray"]  # the real `tl-ray` executable, in this venv
 
 POSITIVE = "good great wonderful superb delightful moving brilliant charming".split()
 NEGATIVE = "bad awful boring dull terrible clumsy tedious weak".split()
@@ -34,3 +43,45 @@ def write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
         writer.writerows(rows)
     return path
 
+
+
+def json_lines(text: str) -> list[dict]:
+    """The JSON objects among the lines of `text` (log lines and other output skipped)."""
+    found = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                found.append(json.loads(line))
+    return [item for item in found if isinstance(item, dict)]
+
+
+def run_cli(argv: Sequence[object]) -> tuple[int, list[dict]]:
+    """Run `tl-ray *argv` in this process: its exit code and the JSON lines it printed.
+
+    Only stdout is captured; stderr stays with pytest (read it with `capsys`).
+
+    >>> code, lines = run_cli(["predict", "runs/demo/model", "--text", "fine"])  # doctest: +SKIP
+    """
+    from tl_ray.cli.app import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main([str(arg) for arg in argv])
+    return code, json_lines(out.getvalue())
+
+
+def cli_lines(*argv: object) -> list[dict]:
+    """The JSON lines of `tl-ray *argv`, run in this process; it must exit 0."""
+    code, lines = run_cli(argv)
+    assert code == 0, (argv, code)
+    return lines
+
+
+def run_tl_ray(*args: object, cwd: Path | None = None, env: dict[str, str] | None = None,
+               timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess:  # fmt: skip
+    """Run the real `tl-ray` executable in a child process, its output captured as text;
+    with `check`, it must exit 0 (else the end of its stderr is shown)."""
+    done = subprocess.run([*TL_RAY, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env=env)  # fmt: skip
+    assert not check or done.returncode == 0, done.stderr[-3000:]
+    return done

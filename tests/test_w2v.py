@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
-import json
 from pathlib import Path
 
 import pytest
-
-from tl_ray.cli.app import main
+from helpers import run_cli
 
 GENSIM_DATA = Path(__import__("gensim").__file__).parent / "test" / "test_data"
 LEE = GENSIM_DATA / "lee_background.cor"
 PANG_LEE = GENSIM_DATA / "pang_lee_polarity.cor"  # cp1252, not UTF-8
 SMALL = ["--vector-size", "16", "--min-count", "2", "--epochs", "2"]
-
-
-def run_cli(argv: list[str]) -> tuple[int, list[dict], str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    lines = [json.loads(line) for line in out.getvalue().splitlines() if line.startswith("{")]
-    return code, lines, err.getvalue()
 
 
 def digest(path: Path) -> str:
@@ -33,7 +21,7 @@ def digest(path: Path) -> str:
 @pytest.fixture(scope="module")
 def trained(ray_session, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("w2v") / "lee.model"
-    code, lines, _ = run_cli(["w2v", "train", str(LEE), "--out", str(out), *SMALL])
+    code, lines = run_cli(["w2v", "train", str(LEE), "--out", str(out), *SMALL])
     assert code == 0
     assert lines[-1]["model"] == str(out) and lines[-1]["sentences"] == 300
     assert lines[-1]["words"] > 1000 and out.is_file()
@@ -43,8 +31,8 @@ def trained(ray_session, tmp_path_factory) -> Path:
 def test_update_adds_words_keeps_the_input_and_eval_reports_before_and_after(trained, tmp_path):
     before = digest(trained)
     out = tmp_path / "updated.model"
-    code, lines, _ = run_cli(["w2v", "update", str(trained), "--corpus", str(PANG_LEE), "--out",
-                              str(out), "--encoding", "cp1252", "--epochs", "2"])
+    code, lines = run_cli(["w2v", "update", str(trained), "--corpus", str(PANG_LEE), "--out",
+                           str(out), "--encoding", "cp1252", "--epochs", "2"])
     assert code == 0
     summary = lines[-1]
     assert summary["words_added"] > 0 and summary["words_after"] == summary["words_before"] + summary["words_added"]
@@ -54,7 +42,7 @@ def test_update_adds_words_keeps_the_input_and_eval_reports_before_and_after(tra
 
     results = {}
     for model in (trained, out):
-        code, lines, _ = run_cli(["w2v", "eval", str(model)])
+        code, lines = run_cli(["w2v", "eval", str(model)])
         assert code == 0
         results[model] = lines[-1]
     for result in results.values():
@@ -72,14 +60,14 @@ def test_fasttext_arch_and_a_folder_corpus(ray_session, tmp_path):
     (folder / "b.txt").write_text("\n".join(lines[150:]), encoding="utf-8")
     out = tmp_path / "ft.model"
     argv = ["w2v", "train", str(folder), "--out", str(out), "--arch", "fasttext", "--bucket", "5000"]
-    code, result, _ = run_cli([*argv, *SMALL])
+    code, result = run_cli([*argv, *SMALL])
     assert code == 0 and result[-1]["sentences"] == 300 and result[-1]["arch"] == "fasttext"
     from gensim.models import FastText
 
     assert isinstance(FastText.load(str(out)), FastText)
 
 
-def test_bad_input_fails_with_one_line_and_exit_2(trained, tmp_path):
+def test_bad_input_fails_with_one_line_and_exit_2(trained, tmp_path, capsys):
     blank = tmp_path / "blank.txt"
     blank.write_text("\n  \n", encoding="utf-8")
     not_a_model = tmp_path / "notes.model"
@@ -102,7 +90,8 @@ def test_bad_input_fails_with_one_line_and_exit_2(trained, tmp_path):
         "exceeds": ["w2v", "train", str(LEE), "--out", str(tmp_path / "m"), "--workers", "64"],
     }
     for expected, argv in cases.items():
-        code, lines, err = run_cli(argv)
+        code, lines = run_cli(argv)
+        err = capsys.readouterr().err
         assert code == 2 and not lines, (expected, err)
         message = [line for line in err.splitlines() if line.startswith("error: ")]
         assert len(message) == 1 and expected in message[0], (expected, err)

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,8 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tl_ray.data import Datasets, LabelMap, encode_labels, stratified_split
 from tl_ray.errors import DataError
+from tl_ray.labels import Datasets, as_string, build_datasets, preview, require_columns, shown
 
 if TYPE_CHECKING:
     from tl_ray.config import DataConfig
@@ -79,7 +80,9 @@ def _read_file(path: Path) -> bytes:
     except FileNotFoundError:
         raise DataError(f"image file not found: {path}") from None
     except OSError as error:
-        raise DataError(f"{path}: cannot read ({error.strerror})") from None
+        raise DataError(f"{path}: cannot read ({error.strerror or type(error).__name__})") from None
+    except ValueError:  # a NUL byte in the name
+        raise DataError(f"image file name '{shown(path)}' is not a valid path") from None
 
 
 def _check_decodes(data: bytes, name: str) -> None:
@@ -128,23 +131,24 @@ def read_image_table(path: str | Path, image_column: str, label_column: str = "l
         raise DataError(f"unsupported image table type '{path.suffix}' for {path}; use a folder of "
                         f"class sub-folders or one of {', '.join(_TABLE_SUFFIXES)}")
     raw = _read_raw_table(path)
-    for name in (image_column, label_column):
-        if name not in raw.column_names:
-            raise DataError(f"column '{name}' not found in {path}; columns are: {', '.join(raw.column_names)}")
+    require_columns(raw, path, (image_column, label_column))
     column = raw.column(image_column)
     images: list[bytes] = []
     for row, value in enumerate(column.to_pylist(), 1):
         if value is None or value == "" or value == b"":
-            raise DataError(f"{path}: row {row} has no image in column '{image_column}'")
+            raise DataError(f"{path}: row {row} has no image in column '{shown(image_column)}'")
         if isinstance(value, str):
-            file = Path(value).expanduser()
+            file = Path(os.path.expanduser(value))  # Path.expanduser raises for ~nosuchuser
             file = file if file.is_absolute() else path.parent / file
             value, name = _read_file(file), str(file)
-        else:
+        elif isinstance(value, bytes):
             name = f"{path} row {row}"
+        else:
+            raise DataError(f"{path}: row {row} of column '{shown(image_column)}' holds "
+                            f"{type(value).__name__} {shown(value)}; expected image bytes or a file path")
         _check_decodes(value, name)
         images.append(bytes(value))
-    labels = pc.utf8_trim_whitespace(pc.cast(raw.column(label_column), pa.string()))
+    labels = pc.utf8_trim_whitespace(as_string(raw.column(label_column), path, label_column))
     if labels.null_count:
         raise DataError(f"{path}: {labels.null_count} rows have no label in column '{label_column}'")
     if not images:
@@ -168,19 +172,7 @@ def load_image_datasets(cfg: DataConfig, seed: int = 0) -> Datasets:
     cfg.validation_path or a seeded stratified split. Tables: "image" (bytes), "label" (id)."""
     train = _read(cfg.path, cfg)
     classes = pc.unique(train.column("label")).to_pylist()
-    if len(classes) < 2 and Path(cfg.path).is_dir():
-        raise DataError(f"{cfg.path}: only one class sub-folder with images ({classes[0]!r}); "
+    if len(classes) < 2 and Path(cfg.path).is_dir():  # the folder-specific form of the check
+        raise DataError(f"{cfg.path}: only one class sub-folder with images ({preview(classes)}); "
                         "a classifier needs at least two")
-    try:
-        labels = LabelMap.from_values(classes, column=cfg.label_column)
-        if cfg.validation_path is None:
-            train, validation = stratified_split(train, cfg.split_fraction, seed)
-    except DataError as error:
-        raise DataError(f"{cfg.path}: {error}") from None
-    if cfg.validation_path is not None:
-        validation = _read(cfg.validation_path, cfg)
-        unknown = sorted(set(validation.column("label").to_pylist()) - set(labels.labels))
-        if unknown:
-            raise DataError(f"{cfg.validation_path} has label(s) not in the training data {cfg.path}: "
-                            f"{', '.join(map(repr, unknown[:5]))}; known labels: {', '.join(labels.labels)}")
-    return Datasets(encode_labels(train, labels), encode_labels(validation, labels), labels)
+    return build_datasets(train, cfg, seed, read_validation=lambda path: _read(path, cfg))

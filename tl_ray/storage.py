@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tl_ray.errors import ConfigError, TLRayError
+from tl_ray.io import atomic_folder, atomic_write
 
 __all__ = [
     "check_reachable",
@@ -185,13 +186,7 @@ def write_text(location: str, name: str, text: str) -> None:
 
     filesystem, path = filesystem_of(location)
     if isinstance(filesystem, pyarrow.fs.LocalFileSystem):
-        Path(path).mkdir(parents=True, exist_ok=True)
-        tmp = Path(path) / f".{name}.{uuid.uuid4().hex}.tmp"
-        try:
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, Path(path) / name)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(Path(path) / name, text)
         return
     filesystem.create_dir(path, recursive=True)
     with filesystem.open_output_stream(f"{path}/{name}") as stream:
@@ -219,16 +214,14 @@ def publish_folder(folder: Path, location: str, *, marker: str) -> bool:
 
 def _rename_into_place(folder: Path, target: Path, marker: str) -> bool:
     """One atomic rename (a copy beside the target first when it is on another filesystem)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staged = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     try:
-        try:
-            os.rename(folder, staged)  # same filesystem: nothing is copied
-        except OSError as error:
-            if error.errno != errno.EXDEV:
-                raise
-            shutil.copytree(folder, staged)
-        os.rename(staged, target)  # fails when a non-empty target exists: the race is lost
+        with atomic_folder(target, replace=False) as staged:  # a non-empty target: the race is lost
+            try:
+                os.rename(folder, staged)  # same filesystem: nothing is copied
+            except OSError as error:
+                if error.errno != errno.EXDEV:
+                    raise
+                shutil.copytree(folder, staged)
     except OSError:
         if (target / marker).is_file():
             return False
@@ -237,8 +230,6 @@ def _rename_into_place(folder: Path, target: Path, marker: str) -> bool:
                 f"{target} exists without {marker} (an interrupted copy?); delete it and run again"
             ) from None
         raise
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
     return True
 
 

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from tl_ray.backbones.word_vectors_io import tokenize
 from tl_ray.errors import ConfigError, DataError, TLRayError
 from tl_ray.extras import require
+from tl_ray.io import atomic_path
 
 __all__ = ["Corpus", "evaluate", "run_as_task", "train_model", "update_model"]
 
@@ -96,13 +95,8 @@ def _progress(label: str) -> Any:
 
 def _save_atomic(model: Any, out: Path) -> None:
     """One self-contained file (no side .npy files), renamed into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with atomic_path(out) as tmp:
         model.save(str(tmp), sep_limit=sys.maxsize)  # sub-objects ignore `separately`
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def train_model(

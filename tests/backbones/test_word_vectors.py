@@ -232,13 +232,8 @@ def test_shipped_search_space_validates_for_word_vectors(tiny_vectors):
 def test_train_and_predict_through_the_cli_from_a_vec_file(ray_session, tiny_vectors, sentiment_csv,
                                                            tmp_path):
     """A real Ray Train run (2 DDP workers) from a word2vec text file, then `tl-ray predict`."""
-    import contextlib
-    import io
-    import json
-
     from gensim.models import FastText
-
-    from tl_ray.cli.app import main
+    from helpers import run_cli
 
     vec = tmp_path / "tiny.vec"
     FastText.load(tiny_vectors).wv.save_word2vec_format(str(vec))
@@ -252,13 +247,7 @@ def test_train_and_predict_through_the_cli_from_a_vec_file(ray_session, tiny_vec
         encoding="utf-8",
     )
 
-    def run(argv):
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            code = main(argv)
-        return code, [json.loads(x) for x in out.getvalue().splitlines() if x.startswith("{")]
-
-    code, lines = run(["train", str(config)])
+    code, lines = run_cli(["train", config])
     assert code == 0
     summary = lines[-1]
     assert summary["metrics"]["val_count"] == 60 and summary["metrics"]["val_accuracy"] >= 0.9, summary
@@ -266,7 +255,7 @@ def test_train_and_predict_through_the_cli_from_a_vec_file(ray_session, tiny_vec
     assert {"word_vectors.json", "model.safetensors", "labels.json"} <= {p.name for p in model_dir.iterdir()}
     vec.unlink()  # serving needs the checkpoint only
     texts = ["good great film", "bad awful film"]
-    code, lines = run(["predict", str(model_dir), "--text", texts[0], "--text", texts[1]])
+    code, lines = run_cli(["predict", model_dir, "--text", texts[0], "--text", texts[1]])
     assert code == 0
     assert [line["label"] for line in lines] == [p["label"] for p in Predictor(model_dir).predict(texts)]
     assert [line["label"] for line in lines] == ["pos", "neg"]

@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
+from helpers import run_tl_ray
 
 from tl_ray.cli.app import main
-
-TL_RAY = [sys.executable, "-m", "tl_ray"]
-
-
-def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([*TL_RAY, *args], capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
 def config(tmp_path, body: str):
@@ -65,7 +57,7 @@ def test_commands_fail_with_one_line(tmp_path, monkeypatch, capsys, argv, messag
 
 
 def test_the_executable_exits_2_with_one_line(tmp_path):
-    result = run("predict", str(tmp_path), "--text", "hi")
+    result = run_tl_ray("predict", str(tmp_path), "--text", "hi")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: {tmp_path} is not a tl-ray checkpoint: it has no manifest.json"
@@ -73,7 +65,7 @@ def test_the_executable_exits_2_with_one_line(tmp_path):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    result = run("--debug", "predict", str(tmp_path), "--text", "x")
+    result = run_tl_ray("--debug", "predict", str(tmp_path), "--text", "x")
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import json_lines, run_tl_ray
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL_SH = ROOT / "cluster" / "local.sh"
@@ -70,17 +71,8 @@ def client_env(cluster, **extra: str) -> dict[str, str]:
 
 
 def tl_ray(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 240):
-    done = subprocess.run(
-        [sys.executable, "-m", "tl_ray", *args], env=env, cwd=cwd, capture_output=True, text=True,
-        timeout=timeout,
-    )
-    lines = []
-    for line in done.stdout.splitlines():
-        try:
-            lines.append(json.loads(line))
-        except ValueError:  # a job's log line
-            continue
-    return done, [line for line in lines if isinstance(line, dict)]
+    done = run_tl_ray(*args, env=env, cwd=cwd, timeout=timeout)
+    return done, json_lines(done.stdout)  # without the job's log lines
 
 
 def follow(cluster, job: str, cwd: Path, timeout: float = 480) -> dict:

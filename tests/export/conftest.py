@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from helpers import run_cli
 
 LABELS = ("neg", "pos", "mixed")
 HF = {"finetune": {"pooling": "cls"}, "lora": {"pooling": "cls", "mode": "lora"},
@@ -112,13 +113,10 @@ def wv_folder(tmp_path_factory, tiny_vectors) -> Path:
 @pytest.fixture
 def export_cli(capsys) -> Callable[..., tuple[int, dict | None, str]]:
     """argv -> (exit code, the JSON line on stdout or None, stderr) of `tl-ray export ...`."""
-    from tl_ray.cli.app import main
 
     def run(*argv: object) -> tuple[int, dict | None, str]:
-        code = main(["export", *map(str, argv)])
-        captured = capsys.readouterr()
-        lines = captured.out.strip().splitlines()
+        code, lines = run_cli(["export", *argv])
         assert code != 0 or len(lines) == 1, lines  # one JSON line on success
-        return code, json.loads(lines[0]) if code == 0 else None, captured.err
+        return code, lines[0] if code == 0 else None, capsys.readouterr().err
 
     return run

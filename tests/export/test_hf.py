@@ -3,11 +3,10 @@ labels and scores (fine-tuned and LoRA-merged [CLS]-pooler models); mean pooling
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
+from helpers import cli_lines
 
 from tl_ray.serve.predictor import Predictor
 
@@ -15,26 +14,24 @@ from tl_ray.serve.predictor import Predictor
 @pytest.fixture(scope="module")
 def exported(hf_folders, tmp_path_factory):
     """name -> (model folder, export folder, the command's JSON line), exported once."""
-    from tl_ray.cli.app import main
-
     done: dict[str, tuple] = {}
 
-    def get(name: str, capsys) -> tuple:
+    def get(name: str) -> tuple:
         if name not in done:
             source = hf_folders(name)
             out = tmp_path_factory.mktemp(f"{name}-hf") / "hf"
-            assert main(["export", str(source), "--format", "hf", "--out", str(out)]) == 0
-            done[name] = (source, out, json.loads(capsys.readouterr().out.strip()))
+            (line,) = cli_lines("export", source, "--format", "hf", "--out", out)
+            done[name] = (source, out, line)
         return done[name]
 
     return get
 
 
 @pytest.mark.parametrize("name", ["finetune", "lora"])
-def test_pipeline_gives_tl_rays_labels_and_scores(exported, capsys, texts, name):
+def test_pipeline_gives_tl_rays_labels_and_scores(exported, texts, name):
     from transformers import pipeline
 
-    source, out, line = exported(name, capsys)
+    source, out, line = exported(name)
     classify = pipeline("text-classification", model=str(out), top_k=None, device="cpu")
     for text, got, want in zip(texts, classify(texts), Predictor(source, device="cpu").predict(texts)):
         scores = {row["label"]: row["score"] for row in got}
@@ -45,10 +42,10 @@ def test_pipeline_gives_tl_rays_labels_and_scores(exported, capsys, texts, name)
 
 
 @pytest.mark.parametrize("name", ["finetune", "lora"])
-def test_from_pretrained_logits_match_the_predictors_scores(exported, capsys, texts, name):
+def test_from_pretrained_logits_match_the_predictors_scores(exported, texts, name):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    source, out, line = exported(name, capsys)
+    source, out, line = exported(name)
     model = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     assert type(model).__name__ == "BertForSequenceClassification"
@@ -63,8 +60,8 @@ def test_from_pretrained_logits_match_the_predictors_scores(exported, capsys, te
         assert "adapter_config.json" not in line["files"]
 
 
-def test_the_command_prints_one_json_line(exported, capsys):
-    source, out, line = exported("finetune", capsys)
+def test_the_command_prints_one_json_line(exported):
+    source, out, line = exported("finetune")
     assert line["format"] == "hf" and line["model"] == str(source) and line["out"] == str(out)
     assert line["files"] == sorted(p.name for p in out.iterdir())
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(line["files"])

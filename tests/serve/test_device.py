@@ -8,9 +8,6 @@ config reports the device and threads it computes with.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import os
 import time
 from pathlib import Path
@@ -18,10 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from helpers import cli_lines, free_port
 
 from tl_ray.cli.app import main
 from tl_ray.errors import ConfigError
-from helpers import free_port
 
 TEXTS = ["a good, moving film", "dull and tedious"]
 APP = "dev"
@@ -42,14 +39,6 @@ def _model_folder(folder: Path, tiny_bert: str) -> Path:
     write_model_folder(folder, backbone, backbone.build(2), LabelMap(("neg", "pos")),
                        metrics={}, epoch=1, extra={"max_length": 32})  # fmt: skip
     return folder
-
-
-def _cli(*argv: str) -> list[dict]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert main(list(argv)) == 0
-    return [json.loads(line) for line in out.getvalue().splitlines() if line.startswith("{")]
-
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +121,7 @@ def test_backbone_scores_moves_inputs_to_the_model_device():
 
 
 def test_predict_cli_takes_a_device(model, capsys):
-    (line,) = _cli("predict", str(model), "--text", TEXTS[0], "--device", "cpu")
+    (line,) = cli_lines("predict", str(model), "--text", TEXTS[0], "--device", "cpu")
     assert line["label"] in {"neg", "pos"}
     assert main(["predict", str(model), "--text", TEXTS[0], "--device", "cuda"]) == 2
     error = capsys.readouterr().err.strip()
@@ -187,7 +176,7 @@ def test_exported_config_keeps_cpus_and_gpus_in_args_and_actor_options(model, tm
     from ray.serve.schema import ServeDeploySchema
 
     target = tmp_path / "serve.yaml"
-    _cli("serve", str(model), "--export-config", str(target), "--num-cpus", "3", "--num-gpus", "1",
+    cli_lines("serve", str(model), "--export-config", str(target), "--num-cpus", "3", "--num-gpus", "1",
          "--device", "cuda")  # fmt: skip
     config = yaml.safe_load(target.read_text(encoding="utf-8"))
     ServeDeploySchema.model_validate(config)
@@ -206,7 +195,7 @@ def served_from_config(ray_session, model, tmp_path_factory):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     target = tmp_path_factory.mktemp("config") / "serve.yaml"
-    _cli("serve", str(model), "--export-config", str(target), "--name", APP, "--port", str(port),
+    cli_lines("serve", str(model), "--export-config", str(target), "--name", APP, "--port", str(port),
          "--num-cpus", "0.5", "--max-replicas", "1")  # fmt: skip
     config = yaml.safe_load(target.read_text(encoding="utf-8"))
     config["applications"][0]["deployments"][0]["ray_actor_options"]["num_cpus"] = 2

@@ -4,8 +4,6 @@ a replica runs (`check_usable`, the one-line swap error). Over real Serve: tests
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -13,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import cli_lines
 
-from tl_ray.cli.app import main
 from tl_ray.cli.serve import versioned_model
 from tl_ray.errors import CheckpointError
 from tl_ray.serve.api import SERVED_DIR, one_line
@@ -84,10 +82,7 @@ def test_a_folder_that_is_not_a_model_or_cannot_be_copied_is_one_line(tmp_path):
 def test_export_config_points_at_the_versioned_folder(tmp_path):
     model = _folder(tmp_path / "experiment" / "model", b"weights")
     target = tmp_path / "serve.yaml"
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert main(["serve", str(model), "--export-config", str(target)]) == 0
-    line = json.loads(out.getvalue().splitlines()[-1])
+    line = cli_lines("serve", model, "--export-config", target)[-1]
     served = Path(line["model"])
     assert line["source"] == str(model) and served.parent == model.parent / SERVED_DIR
     config = yaml.safe_load(target.read_text(encoding="utf-8"))

@@ -7,8 +7,6 @@ alpha 0.35, 2 epochs.
 from __future__ import annotations
 
 import base64
-import contextlib
-import io
 import json
 import time
 from pathlib import Path
@@ -16,22 +14,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from helpers import free_port, run_cli
 from image_helpers import digits, png_bytes, write_image_folder
 
-from tl_ray.cli.app import main
 from tl_ray.train.checkpoint import read_manifest
-from helpers import free_port
 
 # TensorFlow starts in the driver, two workers and a Serve replica: about 6 min on 2 shared,
 # busy cores (measured under contention), so `make test-fast` skips it.
 pytestmark = pytest.mark.slow
-
-
-def _cli(*argv: str) -> tuple[int, list[dict]]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(list(argv))
-    return code, [json.loads(line) for line in out.getvalue().splitlines() if line.startswith("{")]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +38,7 @@ def trained(tmp_path_factory, ray_session) -> dict:
         encoding="utf-8",
     )
     started = time.perf_counter()
-    code, lines = _cli("train", str(config))
+    code, lines = run_cli(["train", str(config)])
     assert code == 0
     return {"root": root, "result": lines[-1], "seconds": time.perf_counter() - started}
 
@@ -73,13 +63,13 @@ def test_predict_image_cli_prints_label_and_probabilities(trained, tmp_path):
     for i, (pixels, _) in enumerate(digits((0, 2), 1, seed=5)):
         files.append(tmp_path / f"{i}.png")
         files[-1].write_bytes(png_bytes(pixels))
-    code, lines = _cli("predict", trained["result"]["model"], *[f"--image={f}" for f in files])
+    code, lines = run_cli(["predict", trained["result"]["model"], *[f"--image={f}" for f in files]])
     assert code == 0 and [line["image"] for line in lines] == [str(f) for f in files]
     for line in lines:
         assert line["label"] in ("0", "1", "2") and abs(sum(line["probabilities"].values()) - 1) < 1e-6
     (tmp_path / "bad.png").write_bytes(b"nope")
-    assert _cli("predict", trained["result"]["model"], "--image", str(tmp_path / "bad.png"))[0] == 2
-    assert _cli("predict", trained["result"]["model"], "--text", "a film")[0] == 2
+    assert run_cli(["predict", trained["result"]["model"], "--image", str(tmp_path / "bad.png")])[0] == 2
+    assert run_cli(["predict", trained["result"]["model"], "--text", "a film"])[0] == 2
 
 
 
@@ -128,7 +118,7 @@ def test_evaluate_cli_scores_an_image_folder(trained):
     from tl_ray.serve.predictor import Predictor
 
     folder = trained["root"] / "digits"
-    code, (line,) = _cli("evaluate", trained["result"]["model"], "--data", str(folder))
+    code, (line,) = run_cli(["evaluate", trained["result"]["model"], "--data", str(folder)])
     assert code == 0 and line["count"] == 60
     table = read_image_folder(folder)
     answers = Predictor(trained["result"]["model"]).predict(table["image"].to_pylist())
@@ -152,7 +142,7 @@ def test_one_worker_keras_search_trains_in_the_trials_own_process(trained, tmp_p
         f"output: {tmp_path / 'search'}\n",
         encoding="utf-8",
     )
-    code, lines = _cli("tune", str(config), "--space", str(space))
+    code, lines = run_cli(["tune", str(config), "--space", str(space)])
     assert code == 0 and lines[-1]["trials"] == 2
     results = [json.loads(line) for path in (tmp_path / "search").glob("tune_*/*/result.json")
                for line in path.read_text().splitlines() if line.strip()]  # fmt: skip

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import time
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 
-from tl_ray.cli.app import main
 from tl_ray.data import encode_labels, read_table
 from tl_ray.serve.predictor import Predictor
 from tl_ray.train.checkpoint import read_manifest
-
-
-def run_cli(argv: list[str]) -> tuple[int, list[dict]]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(argv)
-    return code, [json.loads(line) for line in out.getvalue().splitlines() if line.startswith("{")]
 
 
 def run_cli_recording_epochs(argv: list[str], record: Path) -> tuple[int, list[dict], list[dict]]:

@@ -14,14 +14,11 @@ Example:
 
 from __future__ import annotations
 
-import ctypes
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
 from tl_ray.errors import BackboneError, ConfigError
+from tl_ray.io import atomic_folder
 
 __all__ = ["FORMATS", "check_source", "check_target", "export_model", "formats_for", "listed_files",
            "publish"]  # fmt: skip
@@ -79,13 +76,11 @@ def publish(model_folder: str | Path, out_dir: str | Path, fmt: str, write: Writ
     source = Path(model_folder).expanduser().resolve()
     check_source(source, fmt)
     target = check_target(source, out_dir, force=force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     try:
-        write(source, tmp)
-        _move_in(tmp, target, force=force)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # the old export after a swap, or a failed one
+        with atomic_folder(target, replace=force) as tmp:  # with force, the old export is deleted
+            write(source, tmp)
+    except FileExistsError:
+        raise ConfigError(f"--out {target} was filled meanwhile; pass --force to replace it") from None
     return target
 
 
@@ -111,29 +106,3 @@ def listed_files(folder: str | Path) -> list[str]:
     """Every file under `folder`, as sorted POSIX paths relative to it."""
     root = Path(folder)
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-
-
-def _move_in(tmp: Path, target: Path, *, force: bool) -> None:
-    """Rename `tmp` to `target`; with `force`, swap it with an existing `target` (the old
-    folder ends at `tmp`, for the caller to delete)."""
-    if target.is_dir() and any(target.iterdir()):
-        if not force:
-            raise ConfigError(f"--out {target} was filled meanwhile; pass --force to replace it")
-        if not _exchange(tmp, target):
-            old = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            os.replace(old, tmp)
-        return
-    os.replace(tmp, target)  # also over an empty folder (POSIX rename)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0

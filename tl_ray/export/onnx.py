@@ -26,13 +26,13 @@ import json
 import logging
 import os
 import shutil
-import uuid
 import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
 from tl_ray.errors import BackboneError, CheckpointError, ConfigError
+from tl_ray.io import atomic_folder
 
 __all__ = ["EXPORT_VERSION", "ONNX_FILE", "cached_export", "export_onnx", "is_onnx_export",
            "require_onnx"]  # fmt: skip
@@ -77,13 +77,8 @@ def export_onnx(model_folder: str | Path, out_dir: str | Path, *, quantize: bool
     _check_source(source)
     if target.exists() and any(target.iterdir()) and not is_onnx_export(target):
         raise ConfigError(f"{target} exists and is not an ONNX export; pick a new folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with atomic_folder(target) as tmp:  # an earlier export is swapped out, then deleted
         _write_export(source, tmp, quantize=quantize)
-        _replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -109,12 +104,12 @@ def cached_export(model_folder: str | Path, *, quantize: bool = False) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root):
         if not is_onnx_export(target):  # another replica may have exported it meanwhile
-            tmp = root / f".{target.name}.{uuid.uuid4().hex}.tmp"
             try:
-                _write_export(source, tmp, quantize=quantize)
-                _rename_new(tmp, target)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+                with atomic_folder(target, replace=False) as tmp:
+                    _write_export(source, tmp, quantize=quantize)
+            except FileExistsError:
+                if not is_onnx_export(target):  # else: the same export is there already
+                    raise
     return target
 
 
@@ -161,24 +156,6 @@ def _locked(folder: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
-
-
-def _rename_new(tmp: Path, target: Path) -> None:
-    try:
-        os.rename(tmp, target)
-    except OSError:
-        if not is_onnx_export(target):  # else: the same export is there already
-            raise
-
-
-def _replace(tmp: Path, target: Path) -> None:
-    if not target.exists():
-        os.rename(tmp, target)
-        return
-    old = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
-    os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # -- the export itself ---------------------------------------------------------------------

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tl_ray.io import atomic_path
 from tl_ray.search.results import BEST_FILE, read_trials
 
 __all__ = ["trial_summary", "write_plots"]
@@ -93,9 +94,8 @@ def write_plots(folder: str | Path) -> list[Path]:
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
-    tmp.replace(path)
     return path

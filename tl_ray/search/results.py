@@ -11,8 +11,6 @@ Example:
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tl_ray.errors import TLRayError
-from tl_ray.io import write_json_atomic
+from tl_ray.io import atomic_path, write_json_atomic
 from tl_ray.train.checkpoint import export_model_folder
 
 __all__ = ["BEST_FILE", "TABLE_FILE", "export_results", "read_trials"]
@@ -79,12 +77,8 @@ def _write_table(rows: list[dict[str, Any]], path: Path) -> None:
     # Every row gets every column: a conditional parameter (sampled only `when` its condition
     # holds) is None where it was not sampled, whichever row pyarrow meets first.
     table = pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows]) if rows else pa.table({})
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_trials(folder: str | Path) -> pa.Table:

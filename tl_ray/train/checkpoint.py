@@ -11,17 +11,15 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
-import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tl_ray.data import LabelMap
 from tl_ray.errors import CheckpointError
-from tl_ray.io import write_json_atomic
+from tl_ray.io import atomic_folder, write_json_atomic
 
 if TYPE_CHECKING:
     from torch import nn
@@ -124,16 +122,10 @@ def load_model_folder(
 
 
 def export_model_folder(source: str | Path, destination: str | Path) -> Path:
-    """Copy a training checkpoint to `destination` without its resume state, atomically."""
+    """Copy a training checkpoint to `destination` without its resume state, atomically
+    (an existing `destination` is swapped out, then deleted)."""
     source, destination = Path(source), Path(destination)
     read_manifest(source)
-    tmp = destination.with_name(f".{destination.name}.{uuid.uuid4().hex}.tmp")
-    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(TRAIN_STATE_FILE))
-    if destination.exists():
-        old = destination.with_name(f".{destination.name}.{uuid.uuid4().hex}.old")
-        os.replace(destination, old)
-        os.replace(tmp, destination)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, destination)
+    with atomic_folder(destination) as tmp:
+        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(TRAIN_STATE_FILE))
     return destination

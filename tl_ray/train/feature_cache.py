@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from tl_ray.errors import TLRayError
+from tl_ray.io import atomic_folder
 from tl_ray.storage import download_folder, is_uri, publish_folder, read_text
 
 if TYPE_CHECKING:
@@ -222,15 +223,10 @@ def local_copy(location: str, key: str) -> Path:
             return target
         if _meta(location, key) is None:
             raise TLRayError(f"frozen-prefix cache {location} is not published (no {META_FILE})")
-        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-        try:
+        with atomic_folder(target) as scratch:  # replaces any incomplete copy of this key
             download_folder(location, scratch)
             if _meta(scratch, key) is None:
                 raise TLRayError(f"frozen-prefix cache {location} changed while it was fetched; run again")
-            shutil.rmtree(target, ignore_errors=True)  # not a complete copy of this key
-            os.rename(scratch, target)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
     log.info("frozen-prefix cache: fetched %s to %s", location, target)
     return target
 

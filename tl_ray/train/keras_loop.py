@@ -24,7 +24,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import logging  # noqa: E402
 import math  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -36,8 +35,8 @@ from tl_ray.config import parse_config  # noqa: E402
 from tl_ray.data import LabelMap  # noqa: E402
 from tl_ray.errors import ConfigError  # noqa: E402
 from tl_ray.images import read_images  # noqa: E402
-from tl_ray.train.checkpoint import read_manifest, write_model_folder  # noqa: E402
-from tl_ray.train.session import TrainSession  # noqa: E402
+from tl_ray.train.checkpoint import read_manifest  # noqa: E402
+from tl_ray.train.session import TrainSession, report_epoch  # noqa: E402
 
 __all__ = ["keras_train_loop_per_worker", "run_keras_loop"]
 
@@ -125,7 +124,8 @@ def run_keras_loop(config: dict[str, Any], session: Any) -> None:
             resumed_from_epoch=first_epoch - 1,
             worker_pid=os.getpid(),
         )
-        _report(session, metrics, backbone, plain, labels, epoch, cfg)
+        report_epoch(session, metrics, backbone=backbone, model=plain, labels=labels, epoch=epoch, cfg=cfg,
+                     extra={"image_size": cfg.backbone.image_size, "input": "image"})  # the plain copy
 
 
 def _materialize(shard: Any, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -198,15 +198,3 @@ def _evaluate(tf, strategy, session, model, backbone, x, y, num_labels, batch_si
     tally.reduce(all_reduce)
     return tally.metrics(prefix="val_")
 
-
-def _report(session, metrics, backbone, model, labels, epoch, cfg) -> None:
-    """Report this epoch; rank 0 attaches a servable checkpoint folder (from the plain copy)."""
-    if session.rank != 0:
-        session.report(metrics)
-        return
-    with tempfile.TemporaryDirectory(prefix="tl-ray-ckpt-") as folder:
-        write_model_folder(
-            Path(folder), backbone, model, labels, metrics=metrics, epoch=epoch,
-            extra={"image_size": cfg.backbone.image_size, "input": "image", "train": cfg.train.model_dump()},
-        )
-        session.report(metrics, Path(folder))

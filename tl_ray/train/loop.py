@@ -11,25 +11,23 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import ray
 import torch
-from torch import nn
 
 from tl_ray.backbones.registry import get_backbone
 from tl_ray.config import parse_config
 from tl_ray.data import LabelMap
 from tl_ray.errors import CheckpointError
-from tl_ray.train.checkpoint import TRAIN_STATE_FILE, read_manifest, write_model_folder
+from tl_ray.train.checkpoint import TRAIN_STATE_FILE, read_manifest
 from tl_ray.train.feature_cache import FeatureCache
 from tl_ray.train.metrics import ClassificationTally, all_reduce_sum
-from tl_ray.train.session import TrainSession
+from tl_ray.train.session import TrainSession, report_epoch
+from tl_ray.train.step import TrainStep, autocast_for
 
 __all__ = ["run_torch_loop", "train_loop_per_worker"]
 
@@ -39,17 +37,6 @@ def _batches(shard: Any, batch_size: int, seed: int | None) -> Iterator[dict[str
     yield from shard.iter_batches(
         batch_size=batch_size, batch_format="numpy", **(shuffle if seed is not None else {})
     )
-
-
-def _linear_warmup(total_steps: int, warmup_ratio: float):
-    warmup = int(total_steps * warmup_ratio)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return factor
 
 
 def read_train_state(folder: Path) -> dict[str, Any]:
@@ -81,9 +68,6 @@ def run_torch_loop(config: dict[str, Any], session: Any) -> None:
     rank, world = session.rank, session.world
     torch.manual_seed(tcfg.seed)
     device = session.device
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    )
 
     # -- data -----------------------------------------------------------------------------
     train_shard = session.shard("train")
@@ -113,50 +97,33 @@ def run_torch_loop(config: dict[str, Any], session: Any) -> None:
             state = read_train_state(Path(folder))
             state["metrics"] = read_manifest(Path(folder))["metrics"]
     backbone.apply_unfreeze(model)
-    groups = backbone.param_groups(
-        model, tcfg.lr, tcfg.weight_decay, getattr(cfg.backbone, "lr_decay", 1.0)
-    )
-    trainable = [p for group in groups for p in group["params"]]
     wrapped = session.prepare_model(model)
 
-    # -- optimizer ------------------------------------------------------------------------
-    optimizer = torch.optim.AdamW(groups)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _linear_warmup(total_steps, tcfg.warmup_ratio)
-    )
+    # -- optimizer (AdamW, linear warmup; both resumed with the model) --------------------
+    step = TrainStep.build(backbone, model, wrapped, cfg, total_steps=total_steps, device=device)
     first_epoch = 1
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        step.load_state_dict(state)
         first_epoch = state["epoch"] + 1
-    loss_fn = nn.CrossEntropyLoss()
+
+    def report(metrics: dict[str, Any], epoch: int) -> None:
+        report_epoch(session, metrics, backbone=backbone, model=model, labels=labels, epoch=epoch,
+                     cfg=cfg, extra={"max_length": tcfg.max_length},
+                     state={**step.state_dict(), "epoch": epoch})  # fmt: skip
 
     # -- loop -----------------------------------------------------------------------------
     if state is not None and first_epoch > tcfg.epochs:
         # Resumed after its last epoch (a search driver died before it saw that report):
         # report it again, so the run ends with a result and a servable checkpoint.
-        _report(session, state["metrics"], backbone, model, labels, optimizer, scheduler, state["epoch"], tcfg)
+        report(state["metrics"], state["epoch"])
         return
     for epoch in range(first_epoch, tcfg.epochs + 1):
-        wrapped.train()
-        started, seen = time.perf_counter(), 0
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # no host sync per step
-        for batch in _batches(train_shard, tcfg.batch_size, tcfg.seed + epoch):
-            inputs = inputs_of(batch, "train")
-            targets = torch.tensor(batch["label"], device=device)
-            with autocast:
-                loss = loss_fn(backbone.logits(wrapped, inputs).float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if tcfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(trainable, tcfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            seen += len(targets)
-            loss_sum += loss.detach().double() * len(targets)
+        started = time.perf_counter()
+        batches = _batches(train_shard, tcfg.batch_size, tcfg.seed + epoch)
+        seen, loss_sum = step.epoch(batches, lambda batch: inputs_of(batch, "train"))
         elapsed = time.perf_counter() - started
 
-        metrics = _evaluate(session, model, backbone, val_data, len(labels), tcfg, autocast, inputs_of)
+        metrics = _evaluate(session, model, backbone, val_data, len(labels), tcfg, inputs_of)
         local = torch.stack([torch.tensor(float(seen), dtype=torch.float64, device=device),
                              loss_sum, torch.tensor(elapsed, dtype=torch.float64, device=device)])
         total_seen, total_loss, total_s = all_reduce_sum(local, device).tolist()
@@ -164,17 +131,17 @@ def run_torch_loop(config: dict[str, Any], session: Any) -> None:
             epoch=epoch,
             train_loss=total_loss / max(1.0, total_seen),
             samples_per_s=total_seen / (total_s / world),
-            lr=scheduler.get_last_lr()[0],
+            lr=step.lr,
             epoch_s=time.perf_counter() - started,  # training and validation
             resumed_from_epoch=first_epoch - 1,
             node_id=ray.get_runtime_context().get_node_id(),  # which cluster node trained this
             worker_pid=os.getpid(),  # a trial's own pid when it trains in its own process
         )
-        _report(session, metrics, backbone, model, labels, optimizer, scheduler, epoch, tcfg)
+        report(metrics, epoch)
 
 
 @torch.no_grad()
-def _evaluate(session, model, backbone, dataset, num_labels, tcfg, autocast, inputs_of) -> dict[str, float]:
+def _evaluate(session, model, backbone, dataset, num_labels, tcfg, inputs_of) -> dict[str, float]:
     """Exact metrics over the whole validation set: worker r scores batches r, r+W, ..."""
     rank, world = session.rank, session.world
     model.eval()
@@ -184,25 +151,9 @@ def _evaluate(session, model, backbone, dataset, num_labels, tcfg, autocast, inp
         if index % world != rank:
             continue
         inputs = inputs_of(batch, "validation")
-        with autocast:
+        with autocast_for(device):
             logits = backbone.logits(model, inputs).float()
         tally.add(logits, torch.as_tensor(batch["label"], device=device))
     tally.reduce(lambda flat: all_reduce_sum(flat, device))
     return tally.metrics(prefix="val_")
 
-
-def _report(session, metrics, backbone, model, labels, optimizer, scheduler, epoch, tcfg) -> None:
-    """Report this epoch; rank 0 attaches a resumable, servable checkpoint folder."""
-    if session.rank != 0:
-        session.report(metrics)
-        return
-    with tempfile.TemporaryDirectory(prefix="tl-ray-ckpt-") as folder:
-        write_model_folder(
-            Path(folder), backbone, model, labels, metrics=metrics, epoch=epoch,
-            extra={"max_length": tcfg.max_length, "train": tcfg.model_dump()},
-        )
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch},
-            Path(folder) / TRAIN_STATE_FILE,
-        )
-        session.report(metrics, Path(folder))

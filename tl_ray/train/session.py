@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from tl_ray import storage
 
-__all__ = ["CheckpointStore", "TableShard", "TrainSession", "TrialSession", "trial_device"]
+__all__ = ["CheckpointStore", "TableShard", "TrainSession", "TrialSession", "report_epoch", "trial_device"]
 
 INDEX_FILE = "tl_ray_checkpoints.json"
 MARKER = "manifest.json"  # a checkpoint folder is whole once its manifest is there
@@ -109,6 +109,33 @@ class TableShard:
                     else self.table.take(order[start : start + batch_size]))  # fmt: skip
             yield {name: np.array(part.column(name).to_numpy(zero_copy_only=False))  # writable
                    for name in part.column_names}  # fmt: skip
+
+
+def report_epoch(
+    session: Any, metrics: dict[str, Any], *, backbone: Any, model: Any, labels: Any, epoch: int,
+    cfg: Any, extra: dict[str, Any], state: dict[str, Any] | None = None,
+) -> None:
+    """Report one epoch's metrics; rank 0 attaches a checkpoint folder: servable (weights,
+    labels, a manifest with `extra` and the train config) and, with `state` (the torch loop's
+    optimizer, scheduler and epoch), resumable from its `train_state.pt`.
+
+    Both loops end an epoch with it (`loop.py`, `keras_loop.py`); the folder is a temp folder
+    that the session copies to its storage before this returns.
+    """
+    from tl_ray.train.checkpoint import TRAIN_STATE_FILE, write_model_folder
+
+    if session.rank != 0:
+        session.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="tl-ray-ckpt-") as tmp:
+        folder = Path(tmp)
+        write_model_folder(folder, backbone, model, labels, metrics=metrics, epoch=epoch,
+                           extra={**extra, "train": cfg.train.model_dump()})  # fmt: skip
+        if state is not None:
+            import torch
+
+            torch.save(state, folder / TRAIN_STATE_FILE)
+        session.report(metrics, folder)
 
 
 def trial_device(gpu_ids: list[Any]):
