@@ -21,6 +21,10 @@ __all__ = ["Client", "ClientError", "TOKEN_ENV", "predict"]
 
 TOKEN_ENV = "TL_RAY_SERVE_TOKEN"  # same variable the server reads
 RETRY_STATUSES = frozenset({503})
+# A refused connection (endpoint restarting), or one dropped before the answer came (the
+# replica or proxy serving it was killed): the request never completed, and every endpoint
+# of tl-ray's API is safe to repeat (predict is a pure function of its input).
+RETRY_ERRORS = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
 class ClientError(TLRayError):
@@ -50,8 +54,9 @@ class Client:
     """Calls `POST /v1/predict`, `GET /v1/model` and `GET /healthz` of one endpoint.
 
     `token` defaults to $TL_RAY_SERVE_TOKEN or the content of `token_file`. A 503 (no replica
-    free, replica restarting) and a refused connection are retried `retries` times with
-    exponential backoff (honouring Retry-After); other errors raise ClientError at once.
+    free, replica restarting), a refused connection and one dropped before the answer
+    (RETRY_ERRORS) are retried `retries` times with exponential backoff (honouring
+    Retry-After); other errors raise ClientError at once (httpx's own errors never escape).
 
     >>> Client("http://127.0.0.1:8000/v1/predict").url                  # doctest: +SKIP
     'http://127.0.0.1:8000'
@@ -100,13 +105,16 @@ class Client:
             last = attempt == self.retries
             try:
                 response = self._http.request(method, path, **kwargs)
-            except httpx.ConnectError as error:
-                if last:
-                    raise ClientError(f"cannot connect to {self.url}: {error}") from None
-                self._wait(attempt, None)
-                continue
             except httpx.TimeoutException:
                 raise ClientError(f"{method} {self.url}{path} timed out") from None
+            except RETRY_ERRORS as error:
+                if last:
+                    what = "cannot connect to" if isinstance(error, httpx.ConnectError) else "connection lost to"
+                    raise ClientError(f"{what} {self.url}: {error}") from None
+                self._wait(attempt, None)
+                continue
+            except httpx.HTTPError as error:  # anything else httpx raises: still one ClientError
+                raise ClientError(f"{method} {self.url}{path} failed: {type(error).__name__}: {error}") from None
             if response.status_code in RETRY_STATUSES and not last:
                 self._wait(attempt, response)
                 continue

@@ -97,7 +97,7 @@ class HFTextConfig(_Strict):
     @classmethod
     def _absolute_folder(cls, value: str) -> str:
         """A local model folder is made absolute here, on the driver: workers run elsewhere."""
-        folder = Path(value).expanduser()
+        folder = Path(os.path.expanduser(value))  # Path.expanduser raises for ~nosuchuser
         return str(folder.resolve()) if folder.is_dir() else value
 
 
@@ -254,16 +254,49 @@ class RunConfig(_Strict):
         return self
 
 
+def brief(value: Any, limit: int = 80) -> str:
+    """repr(value) on one line, cut to about `limit` characters, for error messages.
+
+    >>> brief("x" * 100, limit=10)
+    "'xxxxxx..."
+    """
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's int-to-string digit limit
+        text = f"<{type(value).__name__} too large to show>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def shown(name: object, limit: int = 80) -> str:
+    """A user-given name as it goes into a one-line message, inside quotes: as is when printable
+    and short, else with line breaks and control characters escaped, cut to `limit` characters.
+
+    >>> shown("train.lr"), shown("a\\nb")
+    ('train.lr', 'a\\\\nb')
+    """
+    text = str(name)
+    if not text.isprintable():
+        text = repr(text)[1:-1]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """The first line of `text`, cut to `limit` characters."""
+    line = (text.splitlines() or [""])[0]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "config"
+    where = shown(where)
     if first["type"] == "extra_forbidden":
         return f"unknown key '{where}'; check its spelling against the README's config reference"
     if first["type"] == "missing":
         return f"missing required key '{where}'"
     value = first.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
-    return f"{where}: {first['msg']}{shown}"
+    got = "" if isinstance(value, dict) else f" (got {brief(value)})"
+    return f"{where}: {_one_line(first['msg'])}{got}"
 
 
 def parse_config(raw: dict[str, Any]) -> RunConfig:
@@ -282,6 +315,19 @@ def parse_backbone(raw: dict[str, Any]) -> Any:
         raise ConfigError(_describe(error)) from None
 
 
+def parse_yaml(text: str) -> Any:
+    """yaml.safe_load, where every way YAML text can fail is a yaml.YAMLError: PyYAML lets an
+    integer past Python's digit limit out as ValueError and deep nesting as RecursionError.
+
+    >>> parse_yaml("a: [1, 2]")
+    {'a': [1, 2]}
+    """
+    try:
+        return yaml.safe_load(text)
+    except (ValueError, RecursionError) as error:
+        raise yaml.YAMLError(_one_line(str(error), 120)) from None
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `key.path=value` overrides (values parsed as YAML) to a nested dict copy.
 
@@ -292,15 +338,19 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set expects key.path=value, got {item!r}")
+            raise ConfigError(f"--set expects key.path=value, got {brief(item)}")
         parts = key.strip().split(".")
         node = result
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {key}: '{part}' is a value, not a section")
+                raise ConfigError(f"--set {brief(key.strip())}: {brief(part)} is a value, not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+        try:
+            node[parts[-1]] = parse_yaml(text) if text.strip() else None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {brief(key.strip())}: the value {brief(text)} is not valid YAML "
+                              f"({_one_line(str(error), 120)}); quote it if it is a string") from None
     return result
 
 
@@ -310,9 +360,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = parse_yaml(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        raise ConfigError(f"{path} is not valid YAML: {_one_line(str(error))}") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping with data/backbone/train/output keys")
     return parse_config(apply_overrides(raw, overrides or []))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 
-import pytest
 from helpers import make_sentiment_rows, run_tl_ray, write_csv
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

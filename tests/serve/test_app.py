@@ -13,9 +13,7 @@ the replica's own `/v1/model`, never on sleeps.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
 import os
 import shutil
@@ -30,7 +28,7 @@ import yaml
 from tl_ray.cli.app import main
 from tl_ray.cli.serve import versioned_model
 from tl_ray.client import Client
-from helpers import free_port
+from helpers import cli_lines as _cli, free_port
 
 TEXTS = ["a good, moving film", "dull and tedious", "the plot is weak but the actors are great"]
 APP, CLI_APP, TOKEN = "tlr", "cli", "test-token-123"
@@ -61,13 +59,6 @@ def _model_folder(folder: Path, tiny_bert: str, seed: int) -> Path:
     write_model_folder(folder, backbone, backbone.build(2), labels, metrics=metrics, epoch=1,
                        extra={"max_length": 32})  # fmt: skip
     return folder
-
-
-def _cli(*argv: str) -> list[dict]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert main(list(argv)) == 0
-    return [json.loads(line) for line in out.getvalue().splitlines() if line.startswith("{")]
 
 
 def _replicas() -> int:
@@ -365,13 +356,16 @@ def test_model_swap_through_reconfigure_drops_no_request(served, models):
 
 
 def _unloadable(models: dict[str, Path], root: Path) -> list[Path]:
-    """Copies of model a that do not load: a corrupt manifest, and no weights at all."""
+    """What does not load as a model: copies of model a with a corrupt manifest, with no
+    weights at all, with pickled weights in place of safetensors; a file; a `..` path."""
     corrupt = Path(shutil.copytree(models["a"], root / "corrupt-manifest"))
     (corrupt / "manifest.json").write_text('{"format_version": 1, "backbone": ', encoding="utf-8")
     no_weights = Path(shutil.copytree(models["a"], root / "no-weights"))
     for weights in no_weights.glob("*.safetensors"):
         weights.unlink()
-    return [corrupt, no_weights]
+    pickled = Path(shutil.copytree(no_weights, root / "pickled-weights"))
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")  # pickle.dumps(1)
+    return [corrupt, no_weights, pickled, models["a"] / "manifest.json", root / ".." / root.name]
 
 
 def test_swap_to_an_unloadable_folder_keeps_the_old_model_on_the_same_replica(

@@ -5,7 +5,6 @@ a replica runs (`check_usable`, the one-line swap error). Over real Serve: tests
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 

@@ -5,7 +5,6 @@ runs."""
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from pathlib import Path
 

@@ -63,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        app(args=_global_flags_first(sys.argv[1:] if argv is None else list(argv)), standalone_mode=False)
+        # Without standalone mode click *returns* the code of a typer.Exit (and 130 for a
+        # KeyboardInterrupt) instead of raising it; commands themselves return None.
+        code = app(args=_global_flags_first(sys.argv[1:] if argv is None else list(argv)), standalone_mode=False)
+        if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+            return code
     except TLRayError as error:
         if _state["debug"]:
             raise

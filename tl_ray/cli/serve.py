@@ -22,10 +22,8 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,6 +33,7 @@ from pydantic import ValidationError
 
 from tl_ray.cli.app import app, emit
 from tl_ray.errors import CheckpointError, ConfigError
+from tl_ray.io import atomic_folder, atomic_write
 from tl_ray.serve.api import SERVED_DIR, ServeArgs, token_digest
 
 __all__ = ["resolve_target", "serve_config", "versioned_model", "write_serve_config"]
@@ -126,22 +125,19 @@ def versioned_model(model: Path) -> Path:
     if model.parent.name == SERVED_DIR:
         return model  # already a versioned folder
     served = model.parent / SERVED_DIR
-    tmp = served / f".{uuid.uuid4().hex}.tmp"
     try:
         target = served / _tree_hash(model, skip)
         if not (target / MANIFEST_FILE).is_file():
-            tmp.mkdir(parents=True)
-            if served / _tree_hash(model, skip, copy_to=tmp) != target:
-                raise CheckpointError(f"{model} changed while it was copied (a new export?); run again")
             try:
-                os.rename(tmp, target)
-            except OSError:
+                with atomic_folder(target, replace=False) as tmp:
+                    tmp.mkdir(parents=True)
+                    if served / _tree_hash(model, skip, copy_to=tmp) != target:
+                        raise CheckpointError(f"{model} changed while it was copied (a new export?); run again")
+            except FileExistsError:
                 if not (target / MANIFEST_FILE).is_file():  # else: another copy won the race
                     raise
     except OSError as error:
         raise CheckpointError(f"cannot copy {model} to {served}: {error.strerror or error}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     read_manifest(target)
     return target
 
@@ -187,16 +183,9 @@ _HAPROXY_HEADER = """\
 
 def write_serve_config(config: dict[str, Any], path: Path) -> Path:
     """Write `config` as YAML atomically (temp file beside `path`, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     haproxy = any(a.get("args", {}).get("ingress") == "haproxy" for a in config["applications"])
-    try:
-        header = _HEADER + (_HAPROXY_HEADER if haproxy else "")
-        tmp.write_text(header + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    header = _HEADER + (_HAPROXY_HEADER if haproxy else "")
+    return atomic_write(path, header + yaml.safe_dump(config, sort_keys=False))
 
 
 def _token(token_file: Path | None) -> str | None:

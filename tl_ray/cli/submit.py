@@ -53,13 +53,12 @@ def submit(
     follow: bool = _opt(False, "--follow", help="Stream the logs until the job ends; exit 2 unless it SUCCEEDED."),
 ) -> None:
     """Submit any tl-ray command (train, tune, serve, ...) as a job on a Ray cluster."""
-    from tl_ray.jobs import JobsClient, SubmitOptions
+    from tl_ray.jobs import JobsClient, SubmitOptions, prepare_submission
 
     if image_only and pip:
         raise ConfigError("--image-only ships nothing; drop --pip or --image-only")
     for name in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
         logging.getLogger(name).setLevel(logging.WARNING)  # packaging chatter; errors still show
-    client = JobsClient(address)
     options = SubmitOptions(
         working_dir=None if image_only else str(working_dir),
         pip=list(pip),
@@ -68,7 +67,9 @@ def submit(
         num_gpus=num_gpus,
         submission_id=submission_id,
     )
-    job = client.submit(list(command), options)
+    prepared = prepare_submission(list(command), options)  # paths and symlinks: before any upload
+    client = JobsClient(address)
+    job = client.submit(prepared)
     emit({"submission_id": job, "address": client.address, "status": "PENDING"})
     if follow:
         finish(client.follow(job, lambda text: print(text, end="", file=sys.stderr, flush=True)))

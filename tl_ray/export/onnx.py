@@ -165,7 +165,7 @@ def _write_export(source: Path, folder: Path, *, quantize: bool) -> None:
 
     from tl_ray.export.graphs import export_view
     from tl_ray.io import write_json_atomic
-    from tl_ray.train.checkpoint import LABELS_FILE, load_model_folder
+    from tl_ray.train.checkpoint import LABELS_FILE, file_sizes, load_model_folder
 
     require_onnx("onnx", "onnxscript", "onnxruntime")
     backbone, model, labels, manifest = load_model_folder(source)
@@ -184,7 +184,7 @@ def _write_export(source: Path, folder: Path, *, quantize: bool) -> None:
         fp32.unlink()
     _save_assets(backbone, view, source, folder)
     labels.save(folder / LABELS_FILE)
-    write_json_atomic(folder / "manifest.json", {**manifest, "onnx": {
+    write_json_atomic(folder / "manifest.json", {**manifest, "files": file_sizes(folder), "onnx": {
         "file": ONNX_FILE, "inputs": list(example), "outputs": ["logits"],
         "quantization": "dynamic-int8" if quantize else None, "source": str(source),
         "exporter": "torch.onnx.export(dynamo=True)", "export_version": EXPORT_VERSION,

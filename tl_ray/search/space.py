@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import math
 import operator
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, get_args
 
 import yaml
 
-from tl_ray.config import RunConfig, apply_overrides, parse_config
+from tl_ray.config import RunConfig, apply_overrides, brief, parse_config, parse_yaml, shown
 from tl_ray.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ TYPES = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", 
 ORDERING = {"gt": operator.gt, "ge": operator.ge, "lt": operator.lt, "le": operator.le}
 COMPARE = {"eq": operator.eq, "ne": operator.ne, "in": lambda a, e: a in e, **ORDERING}
 OPERATORS = set(COMPARE)
+_KEY_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", re.ASCII)
 DOC_END = "\n..."  # what yaml.safe_dump appends after a lone scalar
 
 
@@ -161,52 +163,73 @@ def _number(name: str, key: str, value: Any, integer: bool) -> float | int:
             number = float(value.strip())
         except ValueError:
             number = None
-    if isinstance(number, bool) or not isinstance(number, (int, float)) \
-            or not math.isfinite(number):
-        raise ConfigError(f"{name}: `{key}` must be a finite number, but got ({key}={value!r})")
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not _finite(number):
+        raise ConfigError(f"{name}: `{key}` must be a finite number, but got ({key}={brief(value)})")
     if integer:
         if float(number) != int(number):
-            raise ConfigError(f"{name}: `{key}` must be an integer, but got ({key}={value!r})")
+            raise ConfigError(f"{name}: `{key}` must be an integer, but got ({key}={brief(value)})")
         return int(number)
     return float(number)
+
+
+def _finite(number: float | int) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _check_path(path: Any, what: str) -> str:
+    """A dotted config path as text; one that could not be a `--set` key is a ConfigError."""
+    text = str(path)
+    if not text.isprintable() or "=" in text or not all(text.split(".")):
+        raise ConfigError(f"{what}: {brief(text)} is not a dotted config path like train.lr")
+    return text
+
+
+def _choice_key(choice: Any) -> tuple:
+    """What makes two choices the same: type and value (1, 1.0 and True differ; NaN is NaN)."""
+    return ("nan",) if isinstance(choice, float) and math.isnan(choice) else (type(choice), choice)
 
 
 def _parse_when(name: str, raw: Any) -> dict[str, dict[str, Any]]:
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"{name}: `when` must map a path to comparisons like "
-                          f"{{backbone.mode: {{eq: lora}}}}, but got (when={raw!r})")
+                          f"{{backbone.mode: {{eq: lora}}}}, but got (when={brief(raw)})")
     when: dict[str, dict[str, Any]] = {}
     for ref, tests in raw.items():
+        ref = _check_path(ref, f"{name}: `when`")
         if not isinstance(tests, dict) or not tests:
             raise ConfigError(f"{name}: `when.{ref}` must map operators to values like "
-                              f"{{eq: lora}}, but got ({ref}={tests!r})")
+                              f"{{eq: lora}}, but got ({ref}={brief(tests)})")
         for op, expected in tests.items():
             if op not in OPERATORS:
-                raise ConfigError(f"{name}: unknown `when` operator {op!r} for {ref}; use one "
+                raise ConfigError(f"{name}: unknown `when` operator {brief(op)} for {ref}; use one "
                                   f"of {', '.join(sorted(OPERATORS))}")
             if op == "in" and (not isinstance(expected, list) or not expected):
                 raise ConfigError(f"{name}: `when.{ref}.in` must be a non-empty list, but got "
-                                  f"(in={expected!r})")
+                                  f"(in={brief(expected)})")
             if op in ORDERING and (isinstance(expected, bool)
                                    or not isinstance(expected, (int, float))):
                 raise ConfigError(f"{name}: `when.{ref}.{op}` must be a number, but got "
-                                  f"({op}={expected!r})")
-        when[str(ref)] = {op: tuple(v) if op == "in" else v for op, v in tests.items()}
+                                  f"({op}={brief(expected)})")
+        when[ref] = {op: tuple(v) if op == "in" else v for op, v in tests.items()}
     return when
 
 
 def _parse_param(name: Any, raw: Any) -> ParamSpec:
-    if not isinstance(name, str) or not all(name.split(".")):
-        raise ConfigError(f"params: {name!r} is not a dotted config path like train.lr")
+    if not isinstance(name, str):
+        raise ConfigError(f"params: {brief(name)} is not a dotted config path like train.lr")
+    _check_path(name, "params")
     if not isinstance(raw, dict):
         raise ConfigError(f"{name}: expected a mapping like {{type: float, low: 0.0, high: 1.0}}, "
-                          f"but got {raw!r}")
+                          f"but got {brief(raw)}")
     kind = raw.get("type")
-    if kind not in TYPES:
-        raise ConfigError(f"{name}: unknown type {kind!r}; use one of float, int, categorical")
+    if not isinstance(kind, str) or kind not in TYPES:
+        raise ConfigError(f"{name}: unknown type {brief(kind)}; use one of float, int, categorical")
     extra = sorted(set(raw) - TYPES[kind] - {"type", "when"}, key=str)
     if extra:
-        raise ConfigError(f"{name}: unknown key {extra[0]!r} for type {kind}; allowed: "
+        raise ConfigError(f"{name}: unknown key {brief(extra[0])} for type {kind}; allowed: "
                           f"{', '.join(sorted(TYPES[kind] | {'type', 'when'}))}")
     when = _parse_when(name, raw["when"]) if raw.get("when") is not None else None
     if kind == "categorical":
@@ -215,25 +238,28 @@ def _parse_param(name: Any, raw: Any) -> ParamSpec:
             raise ConfigError(f"{name}: type categorical needs `choices`")
         if not isinstance(choices, list) or not choices:
             raise ConfigError(f"{name}: `choices` must be a non-empty list, but got "
-                              f"(choices={choices!r})")
+                              f"(choices={brief(choices)})")
         for choice in choices:
             if choice is not None and not isinstance(choice, (bool, int, float, str)):
                 raise ConfigError(f"{name}: each choice must be null, a bool, a number or a "
-                                  f"string, but got {choice!r}")
-        if len({repr(c) for c in choices}) != len(choices):
-            raise ConfigError(f"{name}: `choices` must not repeat, but got (choices={choices!r})")
+                                  f"string, but got {brief(choice)}")
+            if isinstance(choice, int) and choice.bit_length() > 63:
+                raise ConfigError(f"{name}: an integer choice must fit in 64 bits, but got "
+                                  f"{brief(choice)}")
+        if len({_choice_key(c) for c in choices}) != len(choices):
+            raise ConfigError(f"{name}: `choices` must not repeat, but got (choices={brief(choices)})")
         return ParamSpec(name, kind, choices=tuple(choices), when=when)
     integer = kind == "int"
     for key in ("low", "high"):
         if raw.get(key) is None:
             raise ConfigError(f"{name}: type {kind} needs `low` and `high`, but got "
-                              f"(low={raw.get('low')!r}, high={raw.get('high')!r})")
+                              f"(low={brief(raw.get('low'))}, high={brief(raw.get('high'))})")
     low, high = (_number(name, k, raw[k], integer) for k in ("low", "high"))
     if low >= high:
         raise ConfigError(f"{name}: `low < high` must hold, but got (low={low}, high={high})")
     log = raw.get("log", False)
     if not isinstance(log, bool):
-        raise ConfigError(f"{name}: `log` must be true or false, but got (log={log!r})")
+        raise ConfigError(f"{name}: `log` must be true or false, but got (log={brief(log)})")
     step = raw.get("step")
     if step is not None:
         step = _number(name, "step", step, integer)
@@ -286,31 +312,33 @@ def parse_space(raw: dict[str, Any]) -> SearchSpace:
     'max'
     """
     if not isinstance(raw, dict):
-        raise ConfigError(f"a search space must be a mapping with metric/mode/params, got {raw!r}")
+        raise ConfigError(f"a search space must be a mapping with metric/mode/params, got {brief(raw)}")
     extra = sorted(set(raw) - {"metric", "mode", "params"}, key=str)
     if extra:
-        raise ConfigError(f"unknown search space key {extra[0]!r}; allowed: metric, mode, params")
+        raise ConfigError(f"unknown search space key {brief(extra[0])}; allowed: metric, mode, params")
     metric = raw.get("metric")
-    if metric not in METRICS:
-        raise ConfigError(f"metric: must be one of {', '.join(METRICS)}, but got {metric!r}")
+    if not isinstance(metric, str) or metric not in METRICS:
+        raise ConfigError(f"metric: must be one of {', '.join(METRICS)}, but got {brief(metric)}")
     mode = raw.get("mode", METRICS[metric])
     if mode not in ("max", "min"):
-        raise ConfigError(f"mode: must be max or min, but got {mode!r}")
+        raise ConfigError(f"mode: must be max or min, but got {brief(mode)}")
     if mode != METRICS[metric]:
         raise ConfigError(f"mode: {metric} must be {METRICS[metric]}imised, but got mode={mode}")
     params_raw = raw.get("params")
     if not isinstance(params_raw, dict) or not params_raw:
         raise ConfigError(f"params: must map at least one dotted config path to a parameter, "
-                          f"but got {params_raw!r}")
+                          f"but got {brief(params_raw)}")
     for name in params_raw:
+        if not isinstance(name, str) or len(name) > 100 or not _KEY_PATH.fullmatch(name):
+            raise ConfigError(f"params: {brief(name)} is not a dotted config path such as train.lr")
         _check_searchable(name)
     params = tuple(_parse_param(n, p) for n, p in params_raw.items())
     order = {p.name: i for i, p in enumerate(params)}
     for i, p in enumerate(params):
         for ref in p.when or {}:
             if order.get(ref, -1) >= i:
-                raise ConfigError(f"{p.name}: `when` refers to {ref}, which is not sampled "
-                                  f"before it; list {ref} earlier in params")
+                raise ConfigError(f"{p.name}: `when` refers to {shown(ref)}, which is not sampled "
+                                  f"before it; list it earlier in params")
     return SearchSpace(metric=metric, mode=mode, params=params)
 
 
@@ -324,7 +352,7 @@ def load_space(path: str | Path) -> SearchSpace:
     if not path.is_file():
         raise ConfigError(f"search space file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = parse_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
     if not isinstance(raw, dict):
@@ -350,7 +378,7 @@ def validate_against(space: SearchSpace, base: RunConfig, max_depth: int | None)
     seen: set[str] = set()
     for p in space.params:
         for value in (p.choices or (p.low, p.high)):
-            _check_value(raw, p.name, p.name, value, f"{value!r}")
+            _check_value(raw, p.name, p.name, value, f"{brief(value)}")
         if p.type == "float" and _integer_field(base, p.name):
             raise ConfigError(f"{p.name}: is an integer setting, so use type: int, "
                               f"but got (type=float)")
@@ -361,7 +389,7 @@ def validate_against(space: SearchSpace, base: RunConfig, max_depth: int | None)
             for op, expected in tests.items():
                 for value in (expected if op == "in" else (expected,) if op in ("eq", "ne")
                               else ()):
-                    _check_value(raw, p.name, ref, value, f"`when` {ref} {op} {value!r}")
+                    _check_value(raw, p.name, ref, value, f"`when` {ref} {op} {brief(value)}")
         seen.add(p.name)
         if p.name == "backbone.unfreeze_depth" and max_depth is not None:
             top = p.high if p.choices is None else max(

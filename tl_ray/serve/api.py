@@ -14,8 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import re
 from typing import Any, Literal
@@ -35,6 +33,8 @@ from tl_ray.errors import TLRayError
 
 __all__ = [
     "DEVICES",
+    "ErrorBody",
+    "Health",
     "Limits",
     "ModelDescription",
     "ModelInfo",
@@ -48,9 +48,9 @@ __all__ = [
     "RequestError",
     "SwapError",
     "check_device",
-    "decode_base64_images",
+    "check_model_path",
+    "describe",
     "one_line",
-    "parse_multipart_images",
     "parse_predict_body",
     "token_digest",
 ]
@@ -60,6 +60,26 @@ DEVICES = "auto, cpu, cuda or cuda:N"
 # `tl-ray serve` copies a model folder to `<its parent>/.served/<content hash>/` and serves that.
 SERVED_DIR = ".served"
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def check_model_path(model: Any) -> str:
+    """`model` if it can name a model folder (a non-empty path, no `..` part); else ValueError.
+
+    The folder itself is checked where it is loaded (`tl_ray.serve.predictor.check_model_folder`).
+
+    >>> check_model_path("runs/demo/model")
+    'runs/demo/model'
+    >>> check_model_path("runs/demo/../../etc")
+    Traceback (most recent call last):
+    ValueError: the model path 'runs/demo/../../etc' has a '..' part; name the model folder itself
+    """
+    if not isinstance(model, str) or not model.strip():
+        raise ValueError(f"the model path must name a tl-ray model folder, got {model!r}")
+    if "\0" in model:
+        raise ValueError(f"the model path {model!r} has a NUL byte")
+    if ".." in re.split(r"[\\/]", model):
+        raise ValueError(f"the model path {model!r} has a '..' part; name the model folder itself")
+    return model
 
 
 def check_device(device: Any) -> str:
@@ -112,13 +132,10 @@ class Limits(BaseModel):
 class PredictRequest(BaseModel):
     """`POST /v1/predict` body: `{"texts": ["...", ...]}`, or for an image model
     `{"images": ["<base64 PNG/JPEG>", ...]}` (limits come from the server; `max_texts`
-    counts images too)."""
+    counts images too). A replica publishes the request schema of the model it serves, with
+    its limits and a working example (`tl_ray.serve.openapi`)."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"texts": ["a gripping, funny film"]},
-                                        {"images": ["iVBORw0KGgo...(base64 PNG)"]}]},
-    )
+    model_config = ConfigDict(extra="forbid")
 
     texts: list[StrictStr] | None = Field(
         default=None, min_length=1, description="Texts to classify, in order."
@@ -163,41 +180,16 @@ class PredictRequest(BaseModel):
         return [text[: limits.max_text_chars] for text in texts]
 
 
-def decode_base64_images(images: list[str]) -> list[bytes]:
-    """The request's base64 strings -> file bytes; RequestError(422) names a bad one.
+class ErrorBody(BaseModel):
+    """The body of every refused request (4xx, and 503 while no model is loaded)."""
 
-    >>> decode_base64_images(["aGk="])
-    [b'hi']
-    """
-    decoded = []
-    for i, text in enumerate(images):
-        try:
-            decoded.append(base64.b64decode(text.split(",", 1)[-1] if text.startswith("data:") else text,
-                                            validate=True))
-        except (binascii.Error, ValueError):
-            raise RequestError(422, f"images[{i}] is not valid base64") from None
-    return decoded
+    detail: str = Field(description="What is wrong, in one line.")
 
 
-def parse_multipart_images(body: bytes, content_type: str, limits: Limits) -> list[bytes]:
-    """The files of a `multipart/form-data` body (e.g. `curl -F image=@cat.png`), in order."""
-    from email import policy
-    from email.parser import BytesParser
+class Health(BaseModel):
+    """`GET /healthz` answer once a model is loaded."""
 
-    if len(body) > limits.max_body_bytes:
-        limit = limits.max_body_bytes
-        raise RequestError(413, f"request body has {len(body)} bytes; the limit is {limit}")
-    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1")
-    message = BytesParser(policy=policy.HTTP).parsebytes(head + body)
-    if not message.is_multipart():
-        raise RequestError(400, "malformed multipart body; send files like -F image=@photo.png")
-    files = [part.get_payload(decode=True) or b"" for part in message.iter_parts()
-             if part.get_filename() is not None]
-    if not files:
-        raise RequestError(422, "no files in the multipart body; send files like -F image=@photo.png")
-    if len(files) > limits.max_texts:
-        raise RequestError(422, f"{len(files)} images in one request; the limit is {limits.max_texts}")
-    return files
+    status: Literal["ok"]
 
 
 class Prediction(BaseModel):
@@ -264,10 +256,11 @@ class PredictResponse(BaseModel):
     model: dict[str, Any]
 
 
-def _describe(error: ValidationError) -> str:
+def describe(error: ValidationError, whole: str = "body") -> str:
+    """A pydantic error in one line: `field: message; ...` (fields under `whole` unless "body")."""
     parts = []
     for item in error.errors(include_url=False):
-        where = ".".join(str(part) for part in item["loc"]) or "body"
+        where = ".".join([whole] * (whole != "body") + [str(part) for part in item["loc"]]) or whole
         message = item["msg"].removeprefix("Value error, ")
         parts.append(f"{where}: {message}")
     return "; ".join(parts)
@@ -287,7 +280,7 @@ def parse_predict_body(body: bytes, limits: Limits) -> PredictRequest:
             detail = error.errors(include_url=False)[0]["ctx"].get("error", "invalid JSON")
             message = f'malformed JSON body ({detail}); send {{"texts": ["..."]}}'
             raise RequestError(400, message) from None
-        raise RequestError(422, _describe(error)) from None
+        raise RequestError(422, describe(error)) from None
 
 
 class ModelSlot(BaseModel):
@@ -297,6 +290,11 @@ class ModelSlot(BaseModel):
 
     model: str
     trial: dict[str, Any] | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _model_path(cls, model: str) -> str:
+        return check_model_path(model)
 
 
 class ServeArgs(BaseModel):
@@ -333,6 +331,11 @@ class ServeArgs(BaseModel):
     limits: Limits = Field(default_factory=Limits)
     token_sha256: str | None = Field(default=None, pattern="^[0-9a-f]{64}$", description="SHA-256.")
     token_file: str | None = Field(default=None, description="Token file read by each replica.")
+
+    @field_validator("model")
+    @classmethod
+    def _model_path(cls, model: str | None) -> str | None:
+        return None if model is None else check_model_path(model)
 
     @field_validator("device")
     @classmethod

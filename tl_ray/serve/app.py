@@ -38,8 +38,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import Request
+from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
 
@@ -47,20 +47,20 @@ from tl_ray.client import TOKEN_ENV
 from tl_ray.errors import ConfigError
 from tl_ray.serve.api import (
     SERVED_DIR,
+    Health,
     ModelDescription,
     ModelInfo,
     ModelSlot,
-    PredictRequest,
     PredictResponse,
     RequestError,
     ServeArgs,
     SwapError,
-    decode_base64_images,
+    describe,
     one_line,
-    parse_multipart_images,
-    parse_predict_body,
     token_digest,
 )
+from tl_ray.serve.inputs import refuse, request_items
+from tl_ray.serve.openapi import SERVED, ContractAPI, error_responses
 
 __all__ = [
     "DEPLOYMENT",
@@ -244,62 +244,21 @@ def _digests(args: ServeArgs) -> list[str]:
     return digests
 
 
-api = FastAPI(
+api = ContractAPI(
     title="tl-ray",
     description="Text or image classification with a tl-ray checkpoint. Images: base64 PNG/JPEG "
     "in JSON (`{\"images\": [...]}`) or a multipart upload. Send `Authorization: Bearer TOKEN` "
-    "when the server has a token.",
+    "when the server has a token. This schema describes the model this replica serves now.",
 )
-_JSON_BODY = {"application/json": {"schema": PredictRequest.model_json_schema()}}
-_BODY = {"requestBody": {"required": True, "content": _JSON_BODY}}  # the body is read by hand
+api.add_exception_handler(RequestError, refuse)  # type: ignore[arg-type]
 
 
-@api.exception_handler(RequestError)
-async def _refuse(request: Request, error: RequestError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-    return JSONResponse({"detail": error.message}, status_code=error.status, headers=headers)
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise RequestError(413, f"request body has {declared} bytes; the limit is {limit}")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise RequestError(413, f"request body is over the limit of {limit} bytes")
-    return bytes(body)
-
-
-def _decoded_images(files: list[bytes], size: int) -> list[Any]:
-    """Image files -> resized pixels; RequestError(422) names one that does not decode."""
-    from tl_ray.errors import DataError
-    from tl_ray.images import decode_image
-
+def _slot(user_config: Any) -> ModelSlot:
+    """The user_config as a ModelSlot; ConfigError in one line when it is not one."""
     try:
-        return [decode_image(data, size, name=f"images[{i}]") for i, data in enumerate(files)]
-    except DataError as error:
-        raise RequestError(422, str(error)) from None
-
-
-async def _request_items(request: Request, limits: Any, predictor: Any) -> list[Any]:
-    """The texts (or decoded images) of a request, checked against what the model reads."""
-    body = await _read_body(request, limits.max_body_bytes)
-    content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
-        files = parse_multipart_images(body, content_type, limits)
-    else:
-        parsed = parse_predict_body(body, limits)
-        if parsed.texts is not None:
-            if predictor.input_kind != "text":
-                raise RequestError(422, 'this model classifies images; send {"images": '
-                                   '[base64 PNG/JPEG, ...]} or a multipart upload')
-            return parsed.texts
-        files = decode_base64_images(parsed.images or [])
-    if predictor.input_kind != "image":
-        raise RequestError(422, 'this model classifies texts; send {"texts": ["...", ...]}')
-    return await asyncio.to_thread(_decoded_images, files, predictor.backbone.cfg.image_size)
+        return ModelSlot.model_validate(user_config)
+    except ValidationError as error:
+        raise ConfigError(describe(error, whole="user_config")) from None
 
 
 class TLRayServer:
@@ -320,6 +279,7 @@ class TLRayServer:
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._predict_batch.set_max_batch_size(self.args.max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(self.args.batch_wait_ms / 1000)
+        SERVED.limits, SERVED.secured = self.args.limits, bool(self._digests)
         import ray
         import torch
 
@@ -334,7 +294,7 @@ class TLRayServer:
         with no model to keep (start-up), it raises, and Serve reports the replica failed.
         """
         try:
-            slot = ModelSlot.model_validate(user_config)
+            slot = _slot(user_config)
             loaded = await asyncio.to_thread(_load, slot, self._placement)
         except Exception as error:
             folder = str(user_config.get("model") if isinstance(user_config, dict) else user_config)
@@ -346,6 +306,7 @@ class TLRayServer:
                          f"{self._swap_error.error}", exc_info=True)  # fmt: skip
             return
         self._current, self._swap_error = loaded, None
+        SERVED.kind = loaded.predictor.input_kind
         logger.info(f"serving {loaded.info.path}")
 
     def check_health(self) -> None:
@@ -384,12 +345,13 @@ class TLRayServer:
             raise RequestError(503, "no model loaded: set user_config.model (ServeArgs.model)")
         return self._current
 
-    @api.post("/v1/predict", response_model=PredictResponse, openapi_extra=_BODY)
+    @api.post("/v1/predict", response_model=PredictResponse,
+              responses=error_responses(400, 401, 413, 422, 503))  # fmt: skip
     async def predict(self, request: Request) -> dict[str, Any]:
         """Classify `texts` (or `images`): label, score and class probabilities each, in order."""
         self._authorize(request)
         loaded, size = self._loaded(), self.args.max_batch_size
-        items = await _request_items(request, self.args.limits, loaded.predictor)
+        items = await request_items(request, self.args.limits, loaded.predictor)
         chunks = [items[start : start + size] for start in range(0, len(items), size)]
         answers = await asyncio.gather(*(self._predict_batch((loaded, chunk)) for chunk in chunks))
         info = loaded.info
@@ -397,13 +359,13 @@ class TLRayServer:
         model = {"path": info.path, "backbone": info.backbone, "trial": trial}
         return {"predictions": [p for answer in answers for p in answer], "model": model}
 
-    @api.get("/healthz")
+    @api.get("/healthz", response_model=Health, responses=error_responses(503))
     async def healthz(self) -> dict[str, str]:
         """Liveness: 200 once a model is loaded (no token needed)."""
         self._loaded()
         return {"status": "ok"}
 
-    @api.get("/v1/model", response_model=ModelDescription)
+    @api.get("/v1/model", response_model=ModelDescription, responses=error_responses(401, 503))
     async def model(self, request: Request) -> dict[str, Any]:
         """The model (backbone, depth, metrics, trial, labels, device, version), this replica's
         batch sizes and torch threads, and the last model swap it refused (`last_swap_error`)."""

@@ -33,12 +33,61 @@ from typing import Any, ContextManager
 
 import numpy as np
 
-from tl_ray.errors import ConfigError
+from tl_ray.errors import CheckpointError, ConfigError
 from tl_ray.export import RUNTIMES, check_runtime, is_onnx_export
-from tl_ray.serve.api import check_device
-from tl_ray.train.checkpoint import load_model_folder
+from tl_ray.serve.api import check_device, check_model_path
+from tl_ray.train.checkpoint import (
+    LABELS_FILE,
+    MANIFEST_FILE,
+    TRAIN_STATE_FILE,
+    load_model_folder,
+    read_manifest,
+)
 
-__all__ = ["RUNTIMES", "Predictor", "cuda_devices", "resolve_device"]
+__all__ = ["PICKLE_SUFFIXES", "RUNTIMES", "Predictor", "check_model_folder", "cuda_devices",
+           "resolve_device"]  # fmt: skip
+
+# Weights that load by unpickling. A served folder holds safetensors (torch), model.keras or
+# model.onnx; train_state.pt (resume state, read with weights_only=True) is never served.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib")
+
+
+def check_model_folder(folder: str | Path) -> Path:
+    """`folder` if it is a tl-ray model folder, else CheckpointError saying why in one line.
+
+    A model folder is a directory (not a file, not a path with `..`) holding a valid
+    `manifest.json` (a JSON object of this tl-ray's format_version that names its backbone
+    kind) and `labels.json`, and no pickle-format weights (`PICKLE_SUFFIXES`): serving loads
+    weights from safetensors, `model.keras` or `model.onnx` only.
+
+    >>> check_model_folder("/no/such/model")
+    Traceback (most recent call last):
+    tl_ray.errors.CheckpointError: checkpoint folder not found: /no/such/model
+    """
+    try:
+        check_model_path(str(folder))
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{folder} is a file, not a tl-ray model folder (a folder with {MANIFEST_FILE})")
+    pickled = sorted(item.name for item in path.iterdir()
+                     if item.suffix.lower() in PICKLE_SUFFIXES and item.name != TRAIN_STATE_FILE) if path.is_dir() else []
+    if pickled:
+        raise CheckpointError(
+            f"{folder} holds pickle-format weights ({', '.join(pickled)}); serving loads "
+            "safetensors, model.keras or model.onnx only: re-export the model with tl-ray"
+        )
+    try:  # a missing folder or manifest: read_manifest says so
+        manifest = read_manifest(path)
+    except AttributeError:  # JSON, but not an object
+        raise CheckpointError(f"{path / MANIFEST_FILE} is not a JSON object") from None
+    backbone = manifest.get("backbone")
+    if not isinstance(backbone, dict) or not isinstance(backbone.get("kind"), str):
+        raise CheckpointError(f"{path / MANIFEST_FILE} names no backbone kind (backbone.kind)")
+    if not (path / LABELS_FILE).is_file():
+        raise CheckpointError(f"{folder} is not a tl-ray checkpoint: it has no {LABELS_FILE}")
+    return path
 
 
 def resolve_device(device: str, visible: int, *, framework: str = "torch") -> str:
@@ -102,7 +151,7 @@ class Predictor:
             self.runtime = check_runtime(runtime)
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        self.folder = Path(folder)
+        self.folder = check_model_folder(folder)
         if self.runtime == "torch":
             self._load_native(device)
         else:

@@ -80,8 +80,30 @@ def write_model_folder(
         "versions": _versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra or {}),
+        "files": file_sizes(folder),
     }
     write_json_atomic(folder / MANIFEST_FILE, manifest)
+
+
+def file_sizes(folder: str | Path) -> dict[str, int]:
+    """{relative path: bytes} of every file in `folder` but the manifest: what a manifest's
+    `files` lists, so a reader can tell a whole folder from one whose copy was cut short
+    (Ray uploads a checkpoint's files in no set order: the manifest may land before them)."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): p.stat().st_size
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE}  # fmt: skip
+
+
+def _check_files(folder: Path, files: Any) -> None:
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{folder / MANIFEST_FILE}: `files` is not a mapping of file sizes")
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{folder} is incomplete: it has no {name} (a copy cut short?)")
+        if path.stat().st_size != size:
+            raise CheckpointError(f"{folder} is incomplete: {name} has {path.stat().st_size} bytes, "
+                                  f"its manifest says {size} (a copy cut short?)")
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -100,6 +122,8 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
             f"{path} has format_version {manifest.get('format_version')!r}; "
             f"this tl-ray reads version {FORMAT_VERSION}"
         )
+    if "files" in manifest:  # folders written before tl-ray listed them have no `files`
+        _check_files(Path(folder), manifest["files"])
     return manifest
 
 
