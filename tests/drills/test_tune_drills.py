@@ -1,8 +1,9 @@
 """Drills on a real `tl-ray tune` subprocess, stopped mid-search once a trial has finished and
 another is part-way through, then continued with `tl-ray tune --resume`:
 
-- SIGKILL of the driver (no handler runs): finished trials are untouched, every trial is
-  accounted for, and study.db, trials.parquet and best.json agree.
+- SIGKILL of the driver (no handler runs) is tests/search/test_tune.py's `search` fixture:
+  finished trials untouched, every trial accounted for, study.db, trials.parquet and
+  best.json agreeing.
 - SIGTERM (what `kill`, systemd and Kubernetes send): Tune's graceful stop, as Ctrl-C; the
   command exits within the bound with 143 and one line saying how to continue, and
   `--resume` completes the search.
@@ -52,28 +53,6 @@ def _start_search(tmp_path: Path, tiny_bert: str) -> tuple[subprocess.Popen, Pat
     pytest.fail("no trial finished with another part-way: " + (tmp_path / "first.err").read_text()[-3000:])
 
 
-def _epoch_log(folder: Path) -> list[dict]:
-    lines = (folder / "epochs.jsonl").read_text(encoding="utf-8").splitlines()
-    records = []
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line torn by the kill
-            continue
-    return records
-
-
-def _rows_of(records_or_rows: list[dict], numbers: set[int], *, logged: bool) -> dict[tuple[int, int], dict]:
-    """(trial, epoch) -> the metrics of that epoch, from epochs.jsonl records or table rows."""
-    keys = ("train_loss", "val_loss", "val_accuracy", "val_f1", "checkpoint_path")
-    found = {}
-    for item in records_or_rows:
-        number = item["config"]["optuna_trial"] if logged else item["trial"]
-        if number in numbers:
-            found[number, item["epoch"]] = {key: item[key] for key in keys}
-    return found
-
-
 def check_accounted(folder: Path, trials: int) -> dict:
     """Every trial accounted for, and study.db, trials.parquet and best.json agreeing."""
     study = study_of(folder)
@@ -120,33 +99,6 @@ def no_epoch_lost(accounted: dict) -> None:
     resumes from once more (tl_ray/train/loop.py `run_torch_loop`, keras_loop the same)."""
     if accounted["lost_epochs"]:
         pytest.xfail(f"known bug: (trial, epoch) never reported after a resume: {accounted['lost_epochs']}")
-
-
-def test_sigkill_of_the_tune_driver_then_resume(tmp_path, tiny_bert):
-    driver, folder = _start_search(tmp_path, tiny_bert)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait(timeout=60)
-    before = complete_trials(folder)
-    assert 1 <= len(before) < TRIALS
-    logged = _rows_of(_epoch_log(folder), set(before), logged=True)
-    first_launch = next(iter({r["launch"] for r in _epoch_log(folder)}))
-
-    started = time.monotonic()
-    code, lines = run_cli(["tune", "--resume", str(folder)])
-    resume_s = time.monotonic() - started
-    assert code == 0
-    after = complete_trials(folder)
-    assert {n: after[n] for n in before} == before  # the study keeps their scores
-    rows = pq.read_table(folder / "trials.parquet").to_pylist()
-    assert _rows_of(rows, set(before), logged=False) == logged  # their rows: the same epochs, metrics
-    rerun = {r["trial"] for r in rows if r["launch"] != first_launch}
-    assert not rerun & set(before), "a finished trial ran again"
-    accounted = check_accounted(folder, TRIALS)
-    assert lines[-1] == json.loads((folder / "best.json").read_text(encoding="utf-8"))
-    print(json.dumps({"drill": "tune-sigkill", "finished_before": len(before), "interrupted": len(accounted["retried"]),
-                      "trials_run_after_resume": len(rerun), "finished_rerun": 0, "resume_s": round(resume_s, 1),
-                      "lost_epochs": accounted["lost_epochs"]}))
-    no_epoch_lost(accounted)
 
 
 def test_sigterm_stops_tune_in_time_then_resume_completes(tmp_path, tiny_bert):

@@ -86,12 +86,13 @@ def write_model_folder(
 
 
 def file_sizes(folder: str | Path) -> dict[str, int]:
-    """{relative path: bytes} of every file in `folder` but the manifest: what a manifest's
-    `files` lists, so a reader can tell a whole folder from one whose copy was cut short
-    (Ray uploads a checkpoint's files in no set order: the manifest may land before them)."""
+    """{relative path: bytes} of every file in `folder` but the manifest and labels.json: what a
+    manifest's `files` lists, so a reader can tell a whole folder from one whose copy was cut
+    short (Ray uploads a checkpoint's files in no set order: the manifest may land before
+    them). labels.json may be edited by hand; a cut-short one fails to parse on its own."""
     folder = Path(folder)
-    return {p.relative_to(folder).as_posix(): p.stat().st_size
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE}  # fmt: skip
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in (MANIFEST_FILE, LABELS_FILE)}  # fmt: skip
 
 
 def _check_files(folder: Path, files: Any) -> None:
