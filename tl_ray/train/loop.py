@@ -65,7 +65,7 @@ def run_torch_loop(config: dict[str, Any], session: Any) -> None:
     cfg = parse_config(config["run"])
     tcfg = cfg.train
     labels = LabelMap(tuple(config["labels"]))
-    rank, world = session.rank, session.world
+    world = session.world
     torch.manual_seed(tcfg.seed)
     device = session.device
 
