@@ -29,13 +29,14 @@ params:
 """
 
 
-def write_inputs(tmp_path, tiny_bert, sentiment_csv, trials: int, batch_size: int = 16):
+def write_inputs(tmp_path, tiny_bert, sentiment_csv, trials: int, batch_size: int = 16, early_stopping: bool = True):
     (tmp_path / "space.yaml").write_text(SPACE, encoding="utf-8")
     (tmp_path / "run.yaml").write_text(
         f"data: {{path: {sentiment_csv}, validation_split: 0.25}}\n"
         f"backbone: {{kind: hf-text, name_or_path: {tiny_bert}, pooling: mean}}\n"
         f"train: {{epochs: 3, batch_size: {batch_size}, max_length: 32, num_workers: 1}}\n"
-        f"search: {{trials: {trials}, sampler: tpe, seed: 3, reduction_factor: 2, max_concurrent_trials: 2}}\n"
+        f"search: {{trials: {trials}, sampler: tpe, seed: 3, reduction_factor: 2, max_concurrent_trials: 2,"
+        f" early_stopping: {str(early_stopping).lower()}}}\n"
         f"output: {tmp_path / 'search'}\n",
         encoding="utf-8",
     )

@@ -54,7 +54,7 @@ class BestEpochOptunaSearch(OptunaSearch):
         if value is not None and self._better(value, self._best.get(trial_id)):
             self._best[trial_id] = value
         if (result or {}).get(self._epoch_attr) is not None:
-            self._last_epoch[trial_id] = int(result[self._epoch_attr])
+            self._last_epoch[trial_id] = max(self._last_epoch.get(trial_id, 0), int(result[self._epoch_attr]))
 
     def suggest(self, trial_id: str) -> dict | None:
         config = super().suggest(trial_id)
@@ -79,14 +79,14 @@ class BestEpochOptunaSearch(OptunaSearch):
         for number in frozen.system_attrs.get("retry_history", []) if frozen is not None else []:
             for epoch, value in sorted(done[number].intermediate_values.items()):
                 trial.report(value, epoch)
-                self._track(trial_id, {self._metric: value})
+                self._track(trial_id, {self._metric: value, self._epoch_attr: epoch})
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         """Optuna's intermediate values are keyed by epoch (a resumed run starts past 1)."""
         if trial_id in self._completed_trials or result.get(self._metric) is None:
             return
         epoch = int(result[self._epoch_attr])
-        if self._last_epoch.get(trial_id) != epoch:  # Tune may hand the last result twice
+        if epoch > self._last_epoch.get(trial_id, 0):  # Tune may hand a result twice; a resume re-reports
             self._ot_trials[trial_id].report(result[self._metric], epoch)
         self._track(trial_id, result)
 

@@ -81,8 +81,17 @@ def run_keras_loop(config: dict[str, Any], session: Any) -> None:
         else:
             with checkpoint.as_directory() as folder:
                 model = backbone.load(Path(folder), num_labels=len(labels), trainable=True)
-                first_epoch = int(read_manifest(folder)["epoch"]) + 1
+                resumed = read_manifest(folder)
+                first_epoch = int(resumed["epoch"]) + 1
     plain = keras.models.clone_model(model)  # outside the scope: evaluation and saving need no collectives
+
+    def report(metrics: dict[str, Any], epoch: int) -> None:  # `plain` holds the model's weights
+        report_epoch(session, metrics, backbone=backbone, model=plain, labels=labels, epoch=epoch, cfg=cfg,
+                     extra={"image_size": cfg.backbone.image_size, "input": "image"})  # the plain copy
+
+    if checkpoint is not None:  # the epoch resumed from, once more: see loop.py
+        plain.set_weights(model.get_weights())  # every worker, same point: a collective read
+        report(resumed["metrics"], first_epoch - 1)
 
     # -- loop -------------------------------------------------------------------------------
     phase, fit_model, features = None, model, None
@@ -124,8 +133,7 @@ def run_keras_loop(config: dict[str, Any], session: Any) -> None:
             resumed_from_epoch=first_epoch - 1,
             worker_pid=os.getpid(),
         )
-        report_epoch(session, metrics, backbone=backbone, model=plain, labels=labels, epoch=epoch, cfg=cfg,
-                     extra={"image_size": cfg.backbone.image_size, "input": "image"})  # the plain copy
+        report(metrics, epoch)
 
 
 def _materialize(shard: Any, size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -112,11 +112,12 @@ def run_torch_loop(config: dict[str, Any], session: Any) -> None:
                      state={**step.state_dict(), "epoch": epoch})  # fmt: skip
 
     # -- loop -----------------------------------------------------------------------------
-    if state is not None and first_epoch > tcfg.epochs:
-        # Resumed after its last epoch (a search driver died before it saw that report):
-        # report it again, so the run ends with a result and a servable checkpoint.
+    if state is not None:
+        # Report the epoch resumed from once more: a driver stopped after its checkpoint was
+        # saved but before it logged the report never saw it (nor its row, nor its Optuna
+        # value), and a run resumed after its last epoch ends with a result. Readers key
+        # epochs by number, so one seen already counts once.
         report(state["metrics"], state["epoch"])
-        return
     for epoch in range(first_epoch, tcfg.epochs + 1):
         started = time.perf_counter()
         batches = _batches(train_shard, tcfg.batch_size, tcfg.seed + epoch)
