@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     TypeAdapter,
@@ -23,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from tl_ray import unfreeze
 from tl_ray.errors import ConfigError
 
 __all__ = [
@@ -43,6 +45,10 @@ __all__ = [
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# `[[epoch, depth], ...]` or `{gradual: {start, every, step}}`, normalised (see tl_ray/unfreeze.py)
+UnfreezeSchedule = Annotated[Any, BeforeValidator(unfreeze.parse_schedule)]
 
 
 class DataConfig(_Strict):
@@ -79,11 +85,14 @@ class HFTextConfig(_Strict):
     `unfreeze_depth` k trains the top k encoder layers (plus pooler and head); 0 trains only
     the head; None or the layer count trains everything, embeddings included. `pooling`
     `auto` picks masked mean for sentence-transformers folders and the [CLS] pooler otherwise.
+    `unfreeze_schedule` changes the depth during training (tl_ray/unfreeze.py); before its
+    first step the depth is `unfreeze_depth`, or 0 when that is None.
     """
 
     kind: Literal["hf-text"] = "hf-text"
     name_or_path: str = "minilm"
     unfreeze_depth: int | None = Field(default=None, ge=0)
+    unfreeze_schedule: UnfreezeSchedule = None
     mode: Literal["finetune", "lora"] = "finetune"
     lr_decay: float = Field(default=1.0, gt=0.0, le=1.0)
     pooling: Literal["auto", "cls", "mean"] = "auto"
@@ -100,14 +109,23 @@ class HFTextConfig(_Strict):
         folder = Path(os.path.expanduser(value))  # Path.expanduser raises for ~nosuchuser
         return str(folder.resolve()) if folder.is_dir() else value
 
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> "HFTextConfig":
+        if self.unfreeze_schedule is not None and self.mode == "lora":
+            raise ValueError("backbone.unfreeze_schedule needs mode: finetune (LoRA adapters are "
+                             "placed in the top layers once, when the model is built)")
+        unfreeze.check_base(self.unfreeze_schedule, self.unfreeze_depth)
+        return self
+
 
 class KerasImageConfig(_Strict):
     """A `keras.applications` image network (tf_keras) with a new pooling-dropout-dense head.
 
-    Two phases: for the first `head_epochs` of `train.epochs` the base is frozen and the head
-    trains at `head_lr`; the remaining epochs unfreeze the top `unfreeze_depth` weighted
-    non-BatchNorm layers of the base (BatchNorm stays frozen, in inference mode) at
-    `finetune_lr`. `weights`: `imagenet` (needs network), a local `.weights.h5`/`.h5`/`.keras`
+    Two phases: for the first `head_epochs` (default 1) of `train.epochs` the base is frozen
+    and the head trains at `head_lr`; the remaining epochs unfreeze the top `unfreeze_depth`
+    weighted non-BatchNorm layers of the base (BatchNorm stays frozen, in inference mode) at
+    `finetune_lr`: the one-step `unfreeze_schedule: [[head_epochs + 1, unfreeze_depth]]`.
+    With a schedule (not both), the epochs before its first step are the head phase. `weights`: `imagenet` (needs network), a local `.weights.h5`/`.h5`/`.keras`
     file of the base network, or null (random init). `batchnorm`: `frozen` keeps BatchNorm
     in inference mode and untrained (the fine-tuning recipe), `train` lets a BatchNorm layer
     train (batch statistics) with the layer before it; `auto` is frozen with pretrained
@@ -120,7 +138,8 @@ class KerasImageConfig(_Strict):
     image_size: int = Field(default=224, ge=32, le=1024)
     alpha: float = Field(default=1.0, gt=0.0, le=1.4)  # MobileNetV2 width multiplier only
     unfreeze_depth: int = Field(default=0, ge=0)
-    head_epochs: int = Field(default=1, ge=0)
+    unfreeze_schedule: UnfreezeSchedule = None
+    head_epochs: int | None = Field(default=None, ge=0)  # None: 1, or the schedule's first step
     head_lr: float = Field(default=1e-3, gt=0.0)
     finetune_lr: float = Field(default=1e-5, gt=0.0)
     head_dropout: float = Field(default=0.2, ge=0.0, lt=1.0)
@@ -135,6 +154,13 @@ class KerasImageConfig(_Strict):
             return value
         return os.path.abspath(os.path.expanduser(value))
 
+    @model_validator(mode="after")
+    def _one_schedule(self) -> "KerasImageConfig":
+        if self.unfreeze_schedule is not None and self.head_epochs is not None:
+            raise ValueError("give backbone.head_epochs or backbone.unfreeze_schedule, not both: "
+                             "the epochs before the schedule's first step are the head phase")
+        return self
+
 
 class WordVectorsConfig(_Strict):
     """Pretrained word vectors (word2vec/GloVe/fastText via gensim), an encoder and a head.
@@ -143,11 +169,13 @@ class WordVectorsConfig(_Strict):
     always train. `oov`: `subword` (fastText n-grams), `learned` (one trained vector),
     `zero`, or `auto` (subword when the vectors have n-grams, else learned). `init: random`
     keeps the vocabulary but draws new vectors (Kim 2014's CNN-rand baseline).
+    `unfreeze_schedule` (e.g. `[[3, 1]]` with `unfreeze_depth: 0`) unfreezes it mid-run.
     """
 
     kind: Literal["word-vectors"] = "word-vectors"
     vectors: str
     unfreeze_depth: int | None = Field(default=1, ge=0)
+    unfreeze_schedule: UnfreezeSchedule = None
     encoder: Literal["mean", "cnn", "bilstm"] = "cnn"
     oov: Literal["auto", "subword", "learned", "zero"] = "auto"
     init: Literal["pretrained", "random"] = "pretrained"
@@ -170,6 +198,11 @@ class WordVectorsConfig(_Strict):
             raise ValueError(f"filter widths must be >= 1, got {value}")
         return value
 
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> "WordVectorsConfig":
+        unfreeze.check_base(self.unfreeze_schedule, self.unfreeze_depth)
+        return self
+
 
 DEFAULT_KIND = "hf-text"
 BackboneConfig = Annotated[
@@ -181,7 +214,11 @@ class TrainConfig(_Strict):
     """Optimisation and scaling settings of one training run."""
 
     lr: float = Field(default=5e-5, gt=0.0)
+    # The classification head's own rate (its own AdamW group); None: the head trains at `lr`.
+    head_lr: float | None = Field(default=None, gt=0.0)
     weight_decay: float = Field(default=0.01, ge=0.0)
+    # Learning-rate curve over all steps (tl_ray/train/step.py); warmup_ratio is its peak.
+    schedule: Literal["linear", "slanted_triangular", "cosine"] = "linear"
     warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
     grad_clip: float | None = Field(default=1.0, gt=0.0)
     epochs: int = Field(default=3, ge=1)
@@ -251,6 +288,14 @@ class RunConfig(_Strict):
                 f"backbone.head_epochs ({head}) must be <= train.epochs ({self.train.epochs}); "
                 "phase 2 (fine-tuning) runs for the remaining epochs"
             )
+        unfreeze.check_epochs(self.backbone.unfreeze_schedule, self.train.epochs)
+        if self.backbone.kind == "keras-image":
+            if self.train.head_lr is not None:
+                raise ValueError("train.head_lr applies to the torch backbones; keras-image sets "
+                                 "backbone.head_lr (its head phase) and backbone.finetune_lr")
+            if self.train.schedule != "linear":
+                raise ValueError(f"train.schedule {self.train.schedule} applies to the torch "
+                                 "backbones; keras-image trains at backbone.head_lr, then finetune_lr")
         return self
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 
@@ -153,7 +154,8 @@ FLOAT = {"type": "float", "low": 0.1, "high": 0.5}
     ({"type": "categorical", "choices": []}, r"`choices` must be a non-empty list, but got \(choices=\[\]\)"),
     ({"type": "categorical", "choices": 16}, "`choices` must be a non-empty list"),
     ({"type": "categorical", "choices": [16, 16]}, "must not repeat"),
-    ({"type": "categorical", "choices": [[1]]}, "each choice must be"),
+    ({"type": "categorical", "choices": [{1: "x"}]}, "each choice must be"),  # lists and string-keyed
+    ({"type": "categorical", "choices": [[1, [set()]]]}, "each choice must be"),  # mappings are fine
     ({**FLOAT, "lo": 1}, "unknown key 'lo' for type float"),
     ({"type": "categorical", "choices": [1, 2], "low": 1}, "unknown key 'low' for type categorical"),
     ({**FLOAT, "when": {"train.epochs": {"approx": 3}}}, "unknown `when` operator 'approx'"),
@@ -255,3 +257,53 @@ def test_per_trial_settings_that_share_a_prefix_can_be_searched():
     space = parse_space(space_with(**{"train.seed": {"type": "int", "low": 0, "high": 3},
                                       "train.max_length": {"type": "categorical", "choices": [32, 64]}}))
     assert space.names == ("train.seed", "train.max_length")
+
+
+GRADUAL = {"gradual": {"start": 1, "every": 1, "step": 1}}
+
+
+def test_schedule_choices_are_sampled_decoded_and_set():
+    """A list or mapping choice: Optuna stores its YAML text, the trial gets the value back."""
+    space = parse_space(space_with(**{
+        "backbone.unfreeze_schedule": {"type": "categorical", "choices": [None, [[1, 0], [3, 2]], GRADUAL]},
+        "backbone.lr_decay": {"type": "float", "low": 0.5, "high": 1.0,
+                              "when": {"backbone.unfreeze_schedule": {"ne": None}}},
+        "train.head_lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+    }))  # fmt: skip
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = []
+    for _ in range(20):
+        trial = study.ask()
+        sampled = space.sample(trial, flatten(base().model_dump()))
+        schedule = sampled["backbone.unfreeze_schedule"]
+        assert schedule in (None, [[1, 0], [3, 2]], GRADUAL)
+        assert ("backbone.lr_decay" in sampled) == (schedule is not None)  # `when` sees the value
+        stored = trial.params["backbone.unfreeze_schedule"]  # what Tune hands the trial
+        assert stored is None or isinstance(stored, str)
+        assert space.decode(dict(trial.params)) == sampled
+        cfg = parse_config(apply_overrides(base().model_dump(), to_overrides(sampled)))
+        assert cfg.backbone.unfreeze_schedule == schedule and cfg.train.head_lr == sampled["train.head_lr"]
+        seen.append(json.dumps(schedule))
+    assert len(set(seen)) == 3
+    assert parse_space(space.to_dict()) == space
+
+
+def test_schedule_choices_validate_against_the_base_config():
+    space = parse_space(space_with(**{
+        "backbone.unfreeze_schedule": {"type": "categorical", "choices": [None, [[1, 0], [2, 7]]]}}))
+    with pytest.raises(ConfigError, match=r"choice \[\[1, 0\], \[2, 7\]\] has depth 7, which exceeds the "
+                                          r"backbone's 6 layers"):
+        validate_against(space, base(), max_depth=6)
+    late = parse_space(space_with(**{"backbone.unfreeze_schedule": {"type": "categorical",
+                                                                    "choices": [[[1, 0], [5, 2]]]}}))
+    with pytest.raises(ConfigError, match="past train.epochs"):
+        validate_against(late, base(), max_depth=6)
+
+
+def test_a_fixed_schedule_stays_whole_for_when_conditions():
+    cfg = base(unfreeze_schedule=GRADUAL)
+    assert flatten(cfg.model_dump())["backbone.unfreeze_schedule"] == GRADUAL
+    space = parse_space(space_with(**{"backbone.lr_decay": {
+        "type": "float", "low": 0.5, "high": 1.0, "when": {"backbone.unfreeze_schedule": {"eq": GRADUAL}}}}))
+    assert "backbone.lr_decay" in samples(space, flatten(cfg.model_dump()), 1)[0]
+    assert samples(space, flatten(base().model_dump()), 1)[0] == {}

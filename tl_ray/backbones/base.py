@@ -16,7 +16,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable
+
+from tl_ray import unfreeze
+from tl_ray.errors import BackboneError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -52,8 +55,31 @@ class Backbone(ABC):
         """The pretrained network with a new head of `num_labels` outputs."""
 
     @abstractmethod
-    def apply_unfreeze(self, model: "nn.Module") -> None:
-        """Set `requires_grad` so that only the configured top layers and the head train."""
+    def apply_unfreeze(self, model: "nn.Module", depth: int | None = None) -> None:
+        """Set `requires_grad` so that only the top `depth` layers and the head train
+        (None: the depth at epoch 1, i.e. `unfreeze_depth` when there is no schedule)."""
+
+    # -- the unfreeze schedule (tl_ray/unfreeze.py): the depth in force at each epoch
+    def base_depth(self) -> int:
+        """The depth before the schedule's first step: `unfreeze_depth`, or 0 when it is None."""
+        depth = getattr(self.cfg, "unfreeze_depth", None)
+        return 0 if depth is None else depth
+
+    def depth_at(self, epoch: int) -> int:
+        """The unfreeze depth in force at `epoch` (1-based, as the epoch metric counts)."""
+        schedule = getattr(self.cfg, "unfreeze_schedule", None)
+        if schedule is None:
+            return self.base_depth()
+        depth = unfreeze.depth_at(schedule, epoch, base=self.base_depth(), layers=self.num_layers())
+        return self.base_depth() if depth is None else depth
+
+    def check_schedule(self, name: str = "") -> None:
+        """BackboneError when a step of the schedule is deeper than the layer count."""
+        schedule, layers = getattr(self.cfg, "unfreeze_schedule", None), self.num_layers()
+        for epoch, depth in schedule if isinstance(schedule, list) else ():
+            if depth > layers:
+                raise BackboneError(f"backbone.unfreeze_schedule: depth {depth} at epoch {epoch} must "
+                                    f"be between 0 and {layers}{name} ({layers} layers)")
 
     @abstractmethod
     def layer_of(self, name: str) -> int:
@@ -117,24 +143,33 @@ class Backbone(ABC):
         """Names of every parameter that full-depth fine-tuning trains."""
         return {name for name, _ in model.named_parameters()}
 
+    def is_head(self, name: str) -> bool:
+        """Whether parameter `name` belongs to the new classification head (`train.head_lr`)."""
+        return name.startswith("classifier.")
+
     def param_groups(
-        self, model: "nn.Module", lr: float, weight_decay: float, lr_decay: float = 1.0
+        self, model: "nn.Module", lr: float, weight_decay: float, lr_decay: float = 1.0,
+        head_lr: float | None = None, exclude: Iterable["torch.Tensor"] = (),
     ) -> list[dict[str, Any]]:
-        """AdamW parameter groups of the trainable parameters.
+        """AdamW parameter groups of the trainable parameters (less those in `exclude`: the
+        ones an optimizer holds already, when a schedule unfreezes more).
 
         Layer d below the head (see `layer_of`) gets `lr * lr_decay**d`; biases and norm
-        weights get no weight decay.
+        weights get no weight decay. With `head_lr`, the head's parameters (`is_head`) form
+        their own groups, first, at `head_lr`.
         """
+        held = {id(param) for param in exclude}
         groups: dict[tuple[int, bool], list] = {}
         for name, param in model.named_parameters():
-            if not param.requires_grad:
+            if not param.requires_grad or id(param) in held:
                 continue
             no_decay = any(marker in name for marker in NO_DECAY_MARKERS)
-            groups.setdefault((self.layer_of(name), no_decay), []).append(param)
+            depth = -1 if head_lr is not None and self.is_head(name) else self.layer_of(name)
+            groups.setdefault((depth, no_decay), []).append(param)
         return [
             {
                 "params": params,
-                "lr": lr * lr_decay**depth,
+                "lr": head_lr if depth == -1 else lr * lr_decay**depth,
                 "weight_decay": 0.0 if no_decay else weight_decay,
             }
             for (depth, no_decay), params in sorted(groups.items(), key=lambda kv: kv[0])

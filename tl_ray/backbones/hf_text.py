@@ -16,6 +16,7 @@ from torch import nn
 
 from tl_ray.backbones.base import Backbone
 from tl_ray.backbones.registry import register
+from tl_ray.backbones.text_classifier import TextClassifier
 from tl_ray.errors import BackboneError, CheckpointError
 from tl_ray.io import write_json_atomic
 
@@ -97,16 +98,23 @@ class HFTextBackbone(Backbone):
                 return getattr(cfg, attr)
         raise BackboneError(f"cannot tell how many layers '{self.cfg.name_or_path}' has")
 
+    def base_depth(self) -> int:
+        """`unfreeze_depth`; None is every layer, or 0 before an unfreeze schedule's first step."""
+        if self.cfg.unfreeze_depth is not None:
+            return self.cfg.unfreeze_depth
+        return 0 if self.cfg.unfreeze_schedule is not None else self.num_layers()
+
     @property
     def depth(self) -> int:
-        """The configured unfreeze depth, checked against the layer count (None = all)."""
-        layers = self.num_layers()
-        depth = layers if self.cfg.unfreeze_depth is None else self.cfg.unfreeze_depth
-        if depth > layers:
+        """The depth at epoch 1 (the configured one), checked against the layer count."""
+        layers, base = self.num_layers(), self.base_depth()
+        if base > layers:
             raise BackboneError(
                 f"backbone.unfreeze_depth must be between 0 and {layers} for "
-                f"'{self.cfg.name_or_path}' ({layers} layers), got {depth}"
+                f"'{self.cfg.name_or_path}' ({layers} layers), got {base}"
             )
+        self.check_schedule(f" for '{self.cfg.name_or_path}'")
+        depth = self.depth_at(1)
         if self.cfg.mode == "lora" and depth == 0:
             raise BackboneError(
                 "backbone.unfreeze_depth must be >= 1 with mode: lora (depth 0 trains no "
@@ -187,9 +195,9 @@ class HFTextBackbone(Backbone):
             return self.num_layers() + 1
         return 0
 
-    def trains(self, name: str) -> bool:
-        """Whether parameter `name` trains at the configured depth (finetune mode)."""
-        depth, layers = self.depth, self.num_layers()
+    def trains(self, name: str, depth: int | None = None) -> bool:
+        """Whether parameter `name` trains at `depth` (None: the configured one; finetune mode)."""
+        depth, layers = self.depth if depth is None else depth, self.num_layers()
         if self._is_head(name):
             return True
         if "pooler" in name.split("."):
@@ -199,22 +207,24 @@ class HFTextBackbone(Backbone):
             return index >= layers - depth
         return depth == layers  # embeddings train only in full fine-tuning
 
-    def apply_unfreeze(self, model: nn.Module) -> None:
+    def apply_unfreeze(self, model: nn.Module, depth: int | None = None) -> None:
+        depth = self.depth if depth is None else depth
         for name, param in model.named_parameters():
             if self.cfg.mode == "lora":  # peft froze the encoder and marked its adapters
                 param.requires_grad = "lora_" in name or self._is_head(name)
             else:
-                param.requires_grad = self.trains(name)
-        model.frozen_layers = self.num_layers() - self.depth
+                param.requires_grad = self.trains(name, depth)
+        model.frozen_layers = self.num_layers() - depth
 
     # -- the frozen prefix, computed once and cached (tl_ray.train.feature_cache) -------
-    def prefix_cache(self) -> str | None:
-        """`pooled` (depth 0), `layer<b>` (hidden states entering layer b), or None.
+    def prefix_cache(self, depth: int | None = None) -> str | None:
+        """`pooled` (depth 0), `layer<b>` (hidden states entering layer b), or None, at
+        `depth` (None: the depth at epoch 1).
 
         None when nothing below the trainable part is frozen (full depth), with LoRA (the
         adapters sit inside the layers), or when the encoder is not BERT-shaped.
         """
-        depth, layers = self.depth, self.num_layers()
+        depth, layers = self.depth if depth is None else depth, self.num_layers()
         if self.cfg.mode != "finetune" or depth == layers:
             return None
         if self.model_config.model_type not in _BERT_SHAPED or self.model_config.is_decoder:
@@ -310,100 +320,3 @@ _WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 _TOKENIZER_FILES = ("tokenizer*.json", "vocab.txt", "*.model", "special_tokens_map.json", "merges.txt")
 # Encoders laid out as embeddings -> encoder.layer[i] -> pooler, with bidirectional masks.
 _BERT_SHAPED = {"bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie"}
-
-
-class TextClassifier(nn.Module):
-    """A transformer encoder, a pooling step ([CLS] pooler or masked mean) and a linear head.
-
-    Three ways in, all giving the same logits: token ids (`input_ids`, `attention_mask`);
-    `hidden_states` entering encoder layer `frozen_layers` (with `attention_mask`); or the
-    `pooled` features (depth 0). The last two come from `frozen_features`, computed once.
-    """
-
-    def __init__(self, encoder: nn.Module, num_labels: int, pooling: str, dropout: float):
-        super().__init__()
-        self.encoder = encoder
-        self.pooling = pooling
-        self.num_labels = num_labels
-        self.frozen_layers = 0  # encoder layers below the trainable ones (set by apply_unfreeze)
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
-
-    def train(self, mode: bool = True) -> "TextClassifier":
-        """Train mode, except that fully frozen parts of the encoder keep dropout off."""
-        super().train(mode)
-        if mode:
-            for module in self.encoder.modules():
-                params = list(module.parameters())
-                if params and not any(p.requires_grad for p in params):
-                    module.eval()
-        return self
-
-    def forward(
-        self,
-        attention_mask: torch.Tensor | None = None,
-        hidden_states: torch.Tensor | None = None,
-        pooled: torch.Tensor | None = None,
-        **inputs: torch.Tensor,
-    ) -> torch.Tensor:
-        if pooled is None:
-            if hidden_states is None:
-                outputs = self.encoder(attention_mask=attention_mask, **inputs)
-                hidden, pooler_output = outputs.last_hidden_state, getattr(outputs, "pooler_output", None)
-            else:
-                hidden, pooler_output = self._from_layer(hidden_states, attention_mask)
-            pooled = self._pool(hidden, attention_mask, pooler_output)
-        return self.classifier(self.dropout(pooled))
-
-    def _pool(self, hidden, attention_mask, pooler_output) -> torch.Tensor:
-        if self.pooling == "mean":
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        if pooler_output is not None:
-            return pooler_output
-        return hidden[:, 0]
-
-    def _from_layer(self, hidden: torch.Tensor, attention_mask: torch.Tensor):
-        """Run encoder layers `frozen_layers`.. and the pooler, as the encoder's forward does."""
-        from transformers.masking_utils import create_bidirectional_mask
-
-        _, layers, pooler = _parts(self.encoder)
-        mask = create_bidirectional_mask(
-            config=self.encoder.config, inputs_embeds=hidden, attention_mask=attention_mask
-        )
-        for layer in layers[self.frozen_layers :]:
-            hidden = layer(hidden, mask)
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-        return hidden, pooler(hidden) if pooler is not None else None
-
-    @torch.no_grad()
-    def frozen_features(self, attention_mask: torch.Tensor, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        """What the frozen bottom computes: `pooled` at depth 0, else the `hidden_states`
-        entering the first trainable layer (returned with their `attention_mask`)."""
-        from transformers.masking_utils import create_bidirectional_mask
-
-        embeddings, layers, _ = _parts(self.encoder)
-        if self.frozen_layers >= len(layers):
-            outputs = self.encoder(attention_mask=attention_mask, **inputs)
-            pooler_output = getattr(outputs, "pooler_output", None)
-            return {"pooled": self._pool(outputs.last_hidden_state, attention_mask, pooler_output)}
-        hidden = embeddings(input_ids=inputs["input_ids"], token_type_ids=inputs.get("token_type_ids"))
-        mask = create_bidirectional_mask(
-            config=self.encoder.config, inputs_embeds=hidden, attention_mask=attention_mask
-        )
-        for layer in layers[: self.frozen_layers]:
-            hidden = layer(hidden, mask)
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-        return {"hidden_states": hidden, "attention_mask": attention_mask}
-
-
-def _parts(encoder: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module | None]:
-    """(embeddings, encoder layers, pooler) of a BERT-shaped model (peft-wrapped or not)."""
-    base = encoder.get_base_model() if hasattr(encoder, "get_base_model") else encoder
-    try:
-        return base.embeddings, base.encoder.layer, getattr(base, "pooler", None)
-    except AttributeError:
-        raise BackboneError(
-            f"{type(base).__name__} is not laid out as embeddings -> encoder.layer -> pooler; "
-            "use unfreeze_depth equal to its layer count, or a BERT-family encoder"
-        ) from None

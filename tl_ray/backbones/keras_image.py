@@ -10,7 +10,9 @@ units plus the head; depth `num_layers()` trains every unit. With `batchnorm: fr
 default for pretrained weights, the Keras fine-tuning guide's recipe) BatchNorm layers never
 train and run in inference mode; with `batchnorm: train` (the default from scratch) a
 BatchNorm layer trains, on batch statistics, exactly when the unit before it does.
-Phase 1 (`head`) trains the head alone; phase 2 (`finetune`) applies the depth.
+Phase 1 (`head`) trains the head alone; phase 2 (`finetune`) applies the depth. The phases
+are an unfreeze schedule (tl_ray/unfreeze.py): the epochs before its first step are the head
+phase; `head_epochs: h, unfreeze_depth: d` is the one step `[[h + 1, d]]`.
 
 tf_keras, not Keras 3: under Ray's TensorflowTrainer with MultiWorkerMirroredStrategy,
 Keras 3.15 fails in `fit` ("Attempt to convert a value (PerReplica...)"); tf_keras 2.21
@@ -32,6 +34,7 @@ from typing import Any, Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from tl_ray import unfreeze  # noqa: E402
 from tl_ray.backbones.base import Backbone  # noqa: E402
 from tl_ray.backbones.registry import register  # noqa: E402
 from tl_ray.errors import BackboneError, CheckpointError  # noqa: E402
@@ -122,6 +125,7 @@ class KerasImageBackbone(Backbone):
 
     @property
     def depth(self) -> int:
+        """The configured `unfreeze_depth` (phase 2's), checked with the schedule's depths."""
         layers = self.num_layers()
         if self.cfg.unfreeze_depth > layers:
             raise BackboneError(
@@ -129,7 +133,25 @@ class KerasImageBackbone(Backbone):
                 f"{self.cfg.architecture} ({layers} weighted non-BatchNorm layers), "
                 f"got {self.cfg.unfreeze_depth}"
             )
+        self.check_schedule(f" for {self.cfg.architecture}")
         return self.cfg.unfreeze_depth
+
+    @property
+    def schedule(self) -> Any:
+        """The unfreeze schedule: the configured one, else the two phases as one step."""
+        if self.cfg.unfreeze_schedule is not None:
+            return self.cfg.unfreeze_schedule
+        head = 1 if self.cfg.head_epochs is None else self.cfg.head_epochs
+        return [[head + 1, self.cfg.unfreeze_depth]]
+
+    def _scheduled(self, epoch: int) -> int | None:
+        """The schedule's depth at `epoch`; None in the head phase (before its first step)."""
+        return unfreeze.depth_at(self.schedule, epoch, base=self.depth, layers=self.num_layers())
+
+    def depth_at(self, epoch: int) -> int:
+        """The depth in force at `epoch`: 0 in the head phase, else the schedule's."""
+        depth = self._scheduled(epoch)
+        return 0 if depth is None else depth
 
     def check(self) -> None:
         cfg = self.cfg
@@ -228,10 +250,13 @@ class KerasImageBackbone(Backbone):
         return mode == "train" or (mode == "auto" and self.cfg.weights is None)
 
     def set_phase(self, model: Any, phase: str) -> None:
-        """`head`: base frozen; `finetune`: the top `unfreeze_depth` units train (and, with
-        batchnorm train, the BatchNorm layer after each of them)."""
+        """`head`: base frozen; `finetune`: the top `unfreeze_depth` units train."""
+        self.set_depth(model, 0 if phase == "head" else self.depth)
+
+    def set_depth(self, model: Any, depth: int) -> None:
+        """The top `depth` units train (and, with batchnorm train, the BatchNorm layer after
+        each of them), and the head; depth 0 freezes the base."""
         base = self.base_of(model)
-        depth = 0 if phase == "head" else self.depth
         base.trainable = depth > 0
         if depth > 0:
             units = _units(base)
@@ -248,8 +273,8 @@ class KerasImageBackbone(Backbone):
             if layer is not base:
                 layer.trainable = True
 
-    def apply_unfreeze(self, model: Any) -> None:
-        self.set_phase(model, "finetune")
+    def apply_unfreeze(self, model: Any, depth: int | None = None) -> None:
+        self.set_depth(model, self.depth if depth is None else depth)
 
     # -- the head phase on cached features (the frozen base's pooled output, computed once) --
     def head_cacheable(self, model: Any) -> bool:
@@ -279,8 +304,8 @@ class KerasImageBackbone(Backbone):
         return keras.Model(features, model.get_layer("head")(x), name="head_only")
 
     def phase_of(self, epoch: int) -> str:
-        """Epochs 1..head_epochs train the head; the rest fine-tune."""
-        return "head" if epoch <= self.cfg.head_epochs else "finetune"
+        """Epochs before the schedule's first step (1..head_epochs) train the head; the rest fine-tune."""
+        return "head" if self._scheduled(epoch) is None else "finetune"
 
     def learning_rate(self, phase: str) -> float:
         return self.cfg.head_lr if phase == "head" else self.cfg.finetune_lr

@@ -43,15 +43,22 @@ class WordVectorsBackbone(Backbone):
     def num_layers(self) -> int:
         return 1  # the embedding is the one pretrained layer
 
+    def base_depth(self) -> int:
+        """`unfreeze_depth`; None is 1, or 0 before an unfreeze schedule's first step."""
+        if self.cfg.unfreeze_depth is not None:
+            return self.cfg.unfreeze_depth
+        return 0 if self.cfg.unfreeze_schedule is not None else 1
+
     @property
     def depth(self) -> int:
-        depth = 1 if self.cfg.unfreeze_depth is None else self.cfg.unfreeze_depth
-        if depth > 1:
+        """The depth at epoch 1 (the configured one), checked against the one layer."""
+        if self.base_depth() > 1:
             raise BackboneError(
                 "backbone.unfreeze_depth must be between 0 and 1 for word-vectors "
-                f"(0 = frozen embeddings, 1 = trainable; 1 layer), got {depth}"
+                f"(0 = frozen embeddings, 1 = trainable; 1 layer), got {self.base_depth()}"
             )
-        return depth
+        self.check_schedule(" for word-vectors")
+        return self.depth_at(1)
 
     def check(self) -> None:
         require("word-vectors", "backbone kind word-vectors")  # gensim reads the vectors file
@@ -119,15 +126,17 @@ class WordVectorsBackbone(Backbone):
     def layer_of(self, name: str) -> int:
         return 1 if name.startswith("embedding.") else 0
 
-    def apply_unfreeze(self, model: nn.Module) -> None:
-        depth = self.depth
+    def apply_unfreeze(self, model: nn.Module, depth: int | None = None) -> None:
+        depth = self.depth if depth is None else depth
         for name, param in model.named_parameters():
             param.requires_grad = depth >= 1 or self.layer_of(name) == 0
 
     # -- the frozen embedding, computed once and cached (tl_ray.train.feature_cache) ------
-    def prefix_cache(self) -> str | None:
-        """`embedded` with a frozen embedding and a fixed unknown-word vector, else None."""
-        if self.depth != 0 or self.vocab.oov == "learned":  # a learned unk vector trains
+    def prefix_cache(self, depth: int | None = None) -> str | None:
+        """`embedded` with a frozen embedding (at `depth`, None: at epoch 1) and a fixed
+        unknown-word vector, else None."""
+        depth = self.depth if depth is None else depth
+        if depth != 0 or self.vocab.oov == "learned":  # a learned unk vector trains
             return None
         return "embedded"
 

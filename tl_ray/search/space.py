@@ -14,7 +14,9 @@ File format (keys of `params` are dotted RunConfig paths, so a sampled value is 
                            when: {backbone.mode: {eq: lora}}}
 
 Types and keys follow Optuna: `float` and `int` take low, high, log, step (not log with step);
-`categorical` takes choices. `when: {path: {op: value, ...}, ...}` samples a parameter only if
+`categorical` takes choices. A choice may also be a list or mapping (an unfreeze schedule such
+as `[[1, 0], [3, 2]]` or `{gradual: {start: 1}}`): Optuna sees it as its YAML text, and the
+trial gets the value back (`SearchSpace.decode`). `when: {path: {op: value, ...}, ...}` samples a parameter only if
 every comparison holds (ops eq, ne, gt, ge, lt, le, in). `path` is a parameter listed earlier
 or a value fixed in the base config; its effective value is the sampled one, else the fixed
 one. An ordering comparison (gt/ge/lt/le) against a non-number such as `null` is false, and a
@@ -29,7 +31,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import operator
 import re
 from dataclasses import dataclass, replace
@@ -38,8 +39,12 @@ from typing import TYPE_CHECKING, Any, Iterable, get_args
 
 import yaml
 
+from tl_ray import unfreeze
 from tl_ray.config import RunConfig, apply_overrides, brief, parse_config, parse_yaml, shown
 from tl_ray.errors import ConfigError
+from tl_ray.search.space_values import (
+    _check_path, _choice_key, _encode, _number, _plain, _structured, flatten, to_overrides,
+)
 
 if TYPE_CHECKING:
     import optuna
@@ -54,7 +59,6 @@ ORDERING = {"gt": operator.gt, "ge": operator.ge, "lt": operator.lt, "le": opera
 COMPARE = {"eq": operator.eq, "ne": operator.ne, "in": lambda a, e: a in e, **ORDERING}
 OPERATORS = set(COMPARE)
 _KEY_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", re.ASCII)
-DOC_END = "\n..."  # what yaml.safe_dump appends after a lone scalar
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,13 @@ class ParamSpec:
     step: float | int | None = None
     choices: tuple | None = None
     when: dict[str, dict[str, Any]] | None = None
+
+    def decode(self, value: Any) -> Any:
+        """A choice back from what Optuna stored for it (see `_encode`)."""
+        for choice in self.choices or ():
+            if _structured(choice) and isinstance(value, str) and _encode(choice) == value:
+                return choice
+        return value
 
     def active(self, values: dict[str, Any], space_names: set[str]) -> bool:
         """Whether every `when` comparison holds for the effective values seen so far."""
@@ -111,13 +122,23 @@ class SearchSpace:
             if not p.active(values, names):
                 continue
             if p.type == "categorical":
-                value = trial.suggest_categorical(p.name, list(p.choices or ()))
+                encoded = trial.suggest_categorical(p.name, [_encode(c) for c in p.choices or ()])
+                value = p.decode(encoded)
             elif p.type == "int":
                 value = trial.suggest_int(p.name, p.low, p.high, step=p.step or 1, log=p.log)
             else:
                 value = trial.suggest_float(p.name, p.low, p.high, step=p.step, log=p.log)
             values[p.name] = sampled[p.name] = value
         return sampled
+
+    def decode(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Sampled values as Optuna (and so Tune) holds them -> the values to set.
+
+        >>> space.decode({"backbone.unfreeze_schedule": "{gradual: {start: 1}}"})  # doctest: +SKIP
+        {'backbone.unfreeze_schedule': {'gradual': {'start': 1}}}
+        """
+        specs = {p.name: p for p in self.params}
+        return {name: specs[name].decode(value) if name in specs else value for name, value in params.items()}
 
     def to_dict(self) -> dict[str, Any]:
         """The YAML/JSON form that `parse_space` reads back (parameter order kept).
@@ -153,43 +174,6 @@ class SearchSpace:
         """
         drop = set(names)
         return replace(self, params=tuple(p for p in self.params if p.name not in drop))
-
-
-def _number(name: str, key: str, value: Any, integer: bool) -> float | int:
-    """A number from YAML; numeric strings such as PyYAML's '1e-5' are accepted."""
-    number: Any = value
-    if isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            number = None
-    if isinstance(number, bool) or not isinstance(number, (int, float)) or not _finite(number):
-        raise ConfigError(f"{name}: `{key}` must be a finite number, but got ({key}={brief(value)})")
-    if integer:
-        if float(number) != int(number):
-            raise ConfigError(f"{name}: `{key}` must be an integer, but got ({key}={brief(value)})")
-        return int(number)
-    return float(number)
-
-
-def _finite(number: float | int) -> bool:
-    try:
-        return math.isfinite(number)
-    except OverflowError:  # an int too large for a float
-        return False
-
-
-def _check_path(path: Any, what: str) -> str:
-    """A dotted config path as text; one that could not be a `--set` key is a ConfigError."""
-    text = str(path)
-    if not text.isprintable() or "=" in text or not all(text.split(".")):
-        raise ConfigError(f"{what}: {brief(text)} is not a dotted config path like train.lr")
-    return text
-
-
-def _choice_key(choice: Any) -> tuple:
-    """What makes two choices the same: type and value (1, 1.0 and True differ; NaN is NaN)."""
-    return ("nan",) if isinstance(choice, float) and math.isnan(choice) else (type(choice), choice)
 
 
 def _parse_when(name: str, raw: Any) -> dict[str, dict[str, Any]]:
@@ -240,9 +224,9 @@ def _parse_param(name: Any, raw: Any) -> ParamSpec:
             raise ConfigError(f"{name}: `choices` must be a non-empty list, but got "
                               f"(choices={brief(choices)})")
         for choice in choices:
-            if choice is not None and not isinstance(choice, (bool, int, float, str)):
-                raise ConfigError(f"{name}: each choice must be null, a bool, a number or a "
-                                  f"string, but got {brief(choice)}")
+            if not _plain(choice):
+                raise ConfigError(f"{name}: each choice must be null, a bool, a number, a "
+                                  f"string, or a list or mapping of those, but got {brief(choice)}")
             if isinstance(choice, int) and choice.bit_length() > 63:
                 raise ConfigError(f"{name}: an integer choice must fit in 64 bits, but got "
                                   f"{brief(choice)}")
@@ -391,6 +375,12 @@ def validate_against(space: SearchSpace, base: RunConfig, max_depth: int | None)
                               else ()):
                     _check_value(raw, p.name, ref, value, f"`when` {ref} {op} {brief(value)}")
         seen.add(p.name)
+        if p.name == "backbone.unfreeze_schedule" and max_depth is not None:
+            for choice in p.choices or ():
+                deepest = unfreeze.max_depth(choice) if isinstance(choice, list) else 0
+                if deepest > max_depth:
+                    raise ConfigError(f"{p.name}: choice {brief(choice)} has depth {deepest}, which "
+                                      f"exceeds the backbone's {max_depth} layers")
         if p.name == "backbone.unfreeze_depth" and max_depth is not None:
             top = p.high if p.choices is None else max(
                 (c for c in p.choices if type(c) is int), default=0)
@@ -408,34 +398,3 @@ def _integer_field(base: RunConfig, name: str) -> bool:
     field = getattr(type(node), "model_fields", {}).get(last)
     kinds = (get_args(field.annotation) or (field.annotation,)) if field else ()
     return int in kinds and float not in kinds
-
-
-def flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> {dotted.key: leaf}, e.g. for `SearchSpace.sample(fixed=...)`.
-
-    >>> flatten({"backbone": {"mode": "lora"}, "output": "runs/x"})
-    {'backbone.mode': 'lora', 'output': 'runs/x'}
-    """
-    flat: dict[str, Any] = {}
-    for key, value in raw.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{path}."))
-        else:
-            flat[path] = value
-    return flat
-
-
-def to_overrides(params: dict[str, Any]) -> list[str]:
-    """Sampled values -> `--set` strings that `apply_overrides` parses back exactly.
-
-    >>> to_overrides({"train.lr": 1e-05, "backbone.mode": "lora"})
-    ['train.lr=1.0e-05', 'backbone.mode=lora']
-    """
-    out = []
-    for name, value in params.items():
-        if hasattr(value, "item") and callable(value.item):  # numpy scalars
-            value = value.item()
-        text = yaml.safe_dump(value, default_flow_style=True, width=float("inf")).rstrip("\n")
-        out.append(f"{name}={text.removesuffix(DOC_END).strip()}")
-    return out

@@ -142,6 +142,7 @@ def _trial(
     trials_dir: str,
     cache_dir: str,
     own_process: bool,
+    space: SearchSpace | None = None,
 ) -> None:
     """One Tune trial: apply the sampled overrides and train, reporting each epoch to Tune.
 
@@ -149,6 +150,7 @@ def _trial(
     TRIALS_DIR/<run name>, so a retry of an interrupted trial continues that run.
     """
     sampled = {k: v for k, v in params.items() if k not in (TRIAL_KEY, RUN_KEY)}
+    sampled = space.decode(sampled) if space is not None else sampled  # list/mapping choices
     cfg = parse_config(apply_overrides(base, to_overrides(sampled)))
     if own_process:
         run_in_trial(cfg, datasets, storage_path=trials_dir, name=params[RUN_KEY], cache_dir=cache_dir)
@@ -313,6 +315,7 @@ def _run_tuner(cfg, space, folder, storage, remaining, datasets, echo, seed, stu
         trials_dir=_trials_location(cfg, folder),  # may be a URI (storage_path)
         cache_dir=storage_location(cfg.storage_path, folder).rstrip("/") + "/cache",
         own_process=own_process,
+        space=space,
     )
     tuner = tune.Tuner(
         tune.with_resources(trainable, trial_resources(cfg)),

@@ -1,9 +1,11 @@
 """The per-worker loop for Keras image backbones, run by Ray's TensorflowTrainer.
 
-Setup (MultiWorkerMirroredStrategy across the workers), data, model, then two phases:
-epochs 1..head_epochs train the head on a frozen base at `head_lr`; the remaining epochs
-unfreeze the top `unfreeze_depth` layers at `finetune_lr` (a fresh Adam, recompiled, as in
-the Keras fine-tuning guide). Reported metrics match the torch loop's.
+Setup (MultiWorkerMirroredStrategy across the workers), data, model, then the unfreeze
+schedule (`KerasImageBackbone.schedule`): the epochs before its first step (1..head_epochs)
+train the head on a frozen base at `head_lr`; from the first step on, the top units of the
+depth in force train at `finetune_lr`. Each change of depth (or phase) recompiles with a
+fresh Adam over the weights that train then, as in the Keras fine-tuning guide. Reported
+metrics match the torch loop's, `unfreeze_depth` included.
 
 Data: each worker materialises its (equal-sized) Ray Data shard of the training set once,
 decoded and resized to uint8 pixels, and reshuffles it every epoch with tf.data
@@ -94,12 +96,13 @@ def run_keras_loop(config: dict[str, Any], session: Any) -> None:
         report(resumed["metrics"], first_epoch - 1)
 
     # -- loop -------------------------------------------------------------------------------
-    phase, fit_model, features = None, model, None
+    stage, fit_model, features = None, model, None
     for epoch in range(first_epoch, tcfg.epochs + 1):
         started = time.perf_counter()
-        if backbone.phase_of(epoch) != phase:
-            phase = backbone.phase_of(epoch)
-            backbone.set_phase(model, phase)
+        if (backbone.phase_of(epoch), backbone.depth_at(epoch)) != stage:  # a schedule step
+            phase, depth = backbone.phase_of(epoch), backbone.depth_at(epoch)
+            stage = (phase, depth)
+            backbone.set_depth(model, depth)
             fit_model = model
             if phase == "head" and tcfg.cache and backbone.head_cacheable(model):
                 # The frozen base gives the same output every epoch: compute it once.
@@ -130,6 +133,7 @@ def run_keras_loop(config: dict[str, Any], session: Any) -> None:
             samples_per_s=float(config["train_rows"] / elapsed),
             epoch_s=time.perf_counter() - started,  # training (with any feature caching) + validation
             lr=backbone.learning_rate(phase),
+            unfreeze_depth=depth,
             resumed_from_epoch=first_epoch - 1,
             worker_pid=os.getpid(),
         )

@@ -79,9 +79,11 @@ def run_torch_loop(config: dict[str, Any], session: Any) -> None:
     backbone = get_backbone(cfg.backbone)
     cache = FeatureCache.open(**config["cache"]) if config.get("cache") else None  # this node's copy
 
+    cached = cache is not None  # this epoch's frozen boundary is the cache's (see the loop)
+
     def inputs_of(batch: dict[str, np.ndarray], split: str) -> dict[str, torch.Tensor]:
         """Token ids, or the frozen bottom's cached output for these rows."""
-        if cache is not None:
+        if cached:
             inputs = cache.batch(split, batch["row"])
         else:
             inputs = backbone.preprocess(list(batch["text"]), tcfg.max_length)
@@ -96,20 +98,22 @@ def run_torch_loop(config: dict[str, Any], session: Any) -> None:
             model = backbone.load(Path(folder), num_labels=len(labels), trainable=True)
             state = read_train_state(Path(folder))
             state["metrics"] = read_manifest(Path(folder))["metrics"]
-    backbone.apply_unfreeze(model)
+    depth = backbone.depth_at(1)  # the unfreeze depth in force (backbone.unfreeze_schedule)
+    backbone.apply_unfreeze(model, depth)
     wrapped = session.prepare_model(model)
 
-    # -- optimizer (AdamW, linear warmup; both resumed with the model) --------------------
+    # -- optimizer (AdamW, train.schedule; both resumed with the model) -------------------
     step = TrainStep.build(backbone, model, wrapped, cfg, total_steps=total_steps, device=device)
     first_epoch = 1
     if state is not None:
-        step.load_state_dict(state)
+        depth = _replay_unfreezing(step, backbone, state, depth, Path(checkpoint.path).name)
+        step.model = session.prepare_model(model)  # DDP again: over the parameters that train now
         first_epoch = state["epoch"] + 1
 
     def report(metrics: dict[str, Any], epoch: int) -> None:
         report_epoch(session, metrics, backbone=backbone, model=model, labels=labels, epoch=epoch,
                      cfg=cfg, extra={"max_length": tcfg.max_length},
-                     state={**step.state_dict(), "epoch": epoch})  # fmt: skip
+                     state={**step.state_dict(), "epoch": epoch, "unfreeze_depth": depth})  # fmt: skip
 
     # -- loop -----------------------------------------------------------------------------
     if state is not None:
@@ -120,6 +124,12 @@ def run_torch_loop(config: dict[str, Any], session: Any) -> None:
         report(state["metrics"], state["epoch"])
     for epoch in range(first_epoch, tcfg.epochs + 1):
         started = time.perf_counter()
+        if backbone.depth_at(epoch) != depth:  # a step of the unfreeze schedule
+            depth = backbone.depth_at(epoch)
+            step.unfreeze(depth)  # the optimizer gains the newly unfrozen parameters
+            step.model = session.prepare_model(model)  # DDP's hooks cover them
+        # The feature cache serves the epochs at its frozen boundary; deeper, the full model runs.
+        cached = cache is not None and backbone.prefix_cache(depth) == cache.meta["boundary"]
         batches = _batches(train_shard, tcfg.batch_size, tcfg.seed + epoch)
         seen, loss_sum = step.epoch(batches, lambda batch: inputs_of(batch, "train"))
         elapsed = time.perf_counter() - started
@@ -133,12 +143,31 @@ def run_torch_loop(config: dict[str, Any], session: Any) -> None:
             train_loss=total_loss / max(1.0, total_seen),
             samples_per_s=total_seen / (total_s / world),
             lr=step.lr,
+            unfreeze_depth=depth,
             epoch_s=time.perf_counter() - started,  # training and validation
             resumed_from_epoch=first_epoch - 1,
             node_id=ray.get_runtime_context().get_node_id(),  # which cluster node trained this
             worker_pid=os.getpid(),  # a trial's own pid when it trains in its own process
         )
         report(metrics, epoch)
+
+
+def _replay_unfreezing(step: TrainStep, backbone: Any, state: dict[str, Any], depth: int, where: str) -> int:
+    """Unfreeze as the run did up to its saved epoch, so the optimizer holds the parameter
+    groups its saved state has (in the same order), then load that state; the depth now."""
+    for epoch in range(2, state["epoch"] + 1):
+        if backbone.depth_at(epoch) != depth:
+            depth = backbone.depth_at(epoch)
+            step.unfreeze(depth)
+    saved = state.get("unfreeze_depth", depth)
+    try:
+        if saved != depth:
+            raise ValueError(f"it was saved at unfreeze depth {saved}, the schedule gives {depth}")
+        step.load_state_dict(state)
+    except ValueError as error:  # torch: "loaded state dict contains a parameter group that ..."
+        raise CheckpointError(f"{where}: cannot resume at epoch {state['epoch'] + 1} ({str(error).splitlines()[0]});"
+                              " resume with the config (and unfreeze schedule) it was trained with") from None
+    return depth
 
 
 @torch.no_grad()
