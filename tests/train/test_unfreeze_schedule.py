@@ -8,6 +8,7 @@ The loop runs in this process (`run_torch_loop` / `run_keras_loop`) through a mi
 from __future__ import annotations
 
 import shutil
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -222,7 +223,7 @@ def test_resume_mid_schedule_continues_at_the_depth_in_force(ray_session, tiny_v
     for resume_from in (1, 2):  # before the step, and after it (the optimizer then holds two phases)
         resumed = LocalSession(tables, tmp_path / f"resumed-{resume_from}", tmp_path / "straight" / f"epoch-{resume_from}")
         run_torch_loop(_loop_config(parse_config(raw).model_dump(), tables), resumed)
-        again = straight.reports[resume_from:]
+        again = straight.reports[resume_from - 1 :]  # the epoch resumed from is reported once more
         assert [r["epoch"] for r in resumed.reports] == [r["epoch"] for r in again]
         assert [r["unfreeze_depth"] for r in resumed.reports] == [r["unfreeze_depth"] for r in again]
         assert [r["lr"] for r in resumed.reports] == [r["lr"] for r in again]
@@ -305,3 +306,53 @@ def test_keras_schedule_recompiles_over_exactly_the_weights_that_train(ray_sessi
     assert layers[1] < layers[2] and len(layers[2] - {"head"}) == 5
     for _, slots, count in fitted:  # Adam's two moments for every weight that trains, no others
         assert len(slots) == 2 * count
+
+
+class _Wrapper(torch.nn.Module):
+    """Stands for DDP: wraps the model and runs its forward."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+
+class WrappingSession(LocalSession):
+    """`prepare_model` wraps, as Ray Train's does with DDP; records how many earlier wrappers
+    are still alive at each call (a live DDP keeps its gradient hooks on the parameters)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.wrappers: list[weakref.ref] = []
+        self.alive: list[int] = []
+        self.used: set[int] = set()  # the wrappers (by number) a forward pass ran through
+
+    def prepare_model(self, model: Any) -> Any:
+        self.alive.append(sum(ref() is not None for ref in self.wrappers))
+        wrapper, number = _Wrapper(model), len(self.wrappers)
+        wrapper.register_forward_pre_hook(lambda module, args: self.used.add(number))
+        self.wrappers.append(weakref.ref(wrapper))
+        return wrapper
+
+
+def test_an_unfreeze_step_rewraps_the_model_and_frees_the_old_wrapper(ray_session, tiny_vectors, tmp_path):
+    """On a worker group the model is DDP-wrapped; DDP covers only the parameters that require
+    grad when it is built, so a schedule step wraps again, and the old wrapper (its reducer and
+    hooks) must be gone first, or its hooks fire on every later backward pass."""
+    from tl_ray.train.loop import run_torch_loop
+
+    raw = {"data": {"path": "x"},
+           "backbone": {"kind": "word-vectors", "vectors": tiny_vectors, "unfreeze_depth": 0, "dropout": 0.0,
+                        "unfreeze_schedule": [[2, 1]]},
+           "train": {"epochs": 3, "batch_size": 16, "max_length": 16, "lr": 1e-2, "cache": False}}  # fmt: skip
+    tables = _text_tables(32)
+    session = WrappingSession(tables, tmp_path / "straight")
+    run_torch_loop(_loop_config(parse_config(raw).model_dump(), tables), session)
+    assert session.alive == [0, 0]  # built once, wrapped again at epoch 2, the first one freed
+    assert session.used == {0, 1}  # training ran through each wrapper in turn
+
+    resumed = WrappingSession(tables, tmp_path / "resumed", tmp_path / "straight" / "epoch-2")
+    run_torch_loop(_loop_config(parse_config(raw).model_dump(), tables), resumed)
+    assert resumed.alive == [0, 0]  # built at the schedule's start, then at the depth in force

@@ -8,6 +8,7 @@ process (`run_torch_loop(config, TrialSession(...))`); everything else is plain 
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import pickle
@@ -100,14 +101,16 @@ def run_torch_loop(config: dict[str, Any], session: Any) -> None:
             state["metrics"] = read_manifest(Path(folder))["metrics"]
     depth = backbone.depth_at(1)  # the unfreeze depth in force (backbone.unfreeze_schedule)
     backbone.apply_unfreeze(model, depth)
-    wrapped = session.prepare_model(model)
 
     # -- optimizer (AdamW, train.schedule; both resumed with the model) -------------------
-    step = TrainStep.build(backbone, model, wrapped, cfg, total_steps=total_steps, device=device)
+    step = TrainStep.build(backbone, model, session.prepare_model(model), cfg, total_steps=total_steps,
+                           device=device)  # fmt: skip
     first_epoch = 1
     if state is not None:
-        depth = _replay_unfreezing(step, backbone, state, depth, Path(checkpoint.path).name)
-        step.model = session.prepare_model(model)  # DDP again: over the parameters that train now
+        resumed_depth = _replay_unfreezing(step, backbone, state, depth, Path(checkpoint.path).name)
+        if resumed_depth != depth:
+            depth = resumed_depth
+            _rewrap(step, session, model)
         first_epoch = state["epoch"] + 1
 
     def report(metrics: dict[str, Any], epoch: int) -> None:
@@ -127,7 +130,7 @@ def run_torch_loop(config: dict[str, Any], session: Any) -> None:
         if backbone.depth_at(epoch) != depth:  # a step of the unfreeze schedule
             depth = backbone.depth_at(epoch)
             step.unfreeze(depth)  # the optimizer gains the newly unfrozen parameters
-            step.model = session.prepare_model(model)  # DDP's hooks cover them
+            _rewrap(step, session, model)  # DDP's gradient hooks cover them
         # The feature cache serves the epochs at its frozen boundary; deeper, the full model runs.
         cached = cache is not None and backbone.prefix_cache(depth) == cache.meta["boundary"]
         batches = _batches(train_shard, tcfg.batch_size, tcfg.seed + epoch)
@@ -150,6 +153,16 @@ def run_torch_loop(config: dict[str, Any], session: Any) -> None:
             worker_pid=os.getpid(),  # a trial's own pid when it trains in its own process
         )
         report(metrics, epoch)
+
+
+def _rewrap(step: TrainStep, session: Any, model: torch.nn.Module) -> None:
+    """Prepare `model` for DDP again, over the parameters that train now (DDP's reducer takes
+    the set that requires grad when it is built). The old wrapper goes first: while it lives,
+    its reducer's hooks fire on every backward pass, with a bucket layout the other ranks'
+    new wrappers no longer share."""
+    step.model = None
+    gc.collect()
+    step.model = session.prepare_model(model)
 
 
 def _replay_unfreezing(step: TrainStep, backbone: Any, state: dict[str, Any], depth: int, where: str) -> int:

@@ -12,12 +12,11 @@ Example:
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, ContextManager, Iterable
-
-import math
 
 import numpy as np
 import torch
