@@ -1,4 +1,4 @@
-"""A small HTTP client for a tl-ray endpoint: timeouts, retries on 503, optional bearer token.
+"""A small HTTP client for a tl-ray endpoint: timeouts, retries, optional bearer token.
 
 Example:
     >>> with Client("http://127.0.0.1:8000") as client:               # doctest: +SKIP
@@ -20,7 +20,10 @@ from tl_ray.errors import TLRayError
 __all__ = ["Client", "ClientError", "TOKEN_ENV", "predict"]
 
 TOKEN_ENV = "TL_RAY_SERVE_TOKEN"  # same variable the server reads
-RETRY_STATUSES = frozenset({503})
+# 503: no replica free (or none loaded yet); 502/504: a gateway in front gave up on the
+# replica. A 500 without tl-ray's error body is Serve's proxy answering for a replica that
+# died mid-request (tl-ray's own 500s carry `{"detail": ...}`): retried too, see _retryable.
+RETRY_STATUSES = frozenset({502, 503, 504})
 # A refused connection (endpoint restarting), or one dropped before the answer came (the
 # replica or proxy serving it was killed): the request never completed, and every endpoint
 # of tl-ray's API is safe to repeat (predict is a pure function of its input).
@@ -50,13 +53,27 @@ def _detail(response: httpx.Response) -> str:
     return str(detail)[:500]
 
 
+def _retryable(response: httpx.Response) -> bool:
+    """A status worth repeating the request for (every tl-ray endpoint is safe to repeat)."""
+    if response.status_code in RETRY_STATUSES:
+        return True
+    if response.status_code != 500:
+        return False
+    try:
+        body = response.json()
+    except ValueError:
+        return True  # not tl-ray's answer: the proxy's, for a replica that died
+    return not (isinstance(body, dict) and isinstance(body.get("detail"), str))
+
+
 class Client:
     """Calls `POST /v1/predict`, `GET /v1/model` and `GET /healthz` of one endpoint.
 
-    `token` defaults to $TL_RAY_SERVE_TOKEN or the content of `token_file`. A 503 (no replica
-    free, replica restarting), a refused connection and one dropped before the answer
-    (RETRY_ERRORS) are retried `retries` times with exponential backoff (honouring
-    Retry-After); other errors raise ClientError at once (httpx's own errors never escape).
+    `token` defaults to $TL_RAY_SERVE_TOKEN or the content of `token_file`. A 502/503/504 (no
+    replica free, replica restarting), a bare 500 (the proxy's, for a replica that died
+    mid-request), a refused connection and one dropped before the answer (RETRY_ERRORS) are
+    retried `retries` times with exponential backoff (honouring Retry-After); other errors
+    raise ClientError at once (httpx's own errors never escape).
 
     >>> Client("http://127.0.0.1:8000/v1/predict").url                  # doctest: +SKIP
     'http://127.0.0.1:8000'
@@ -100,7 +117,7 @@ class Client:
         time.sleep(delay)
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        """Send one request (retrying 503s and refused connections); the decoded JSON answer."""
+        """Send one request (retrying as the class says); the decoded JSON answer."""
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
             try:
@@ -115,7 +132,7 @@ class Client:
                 continue
             except httpx.HTTPError as error:  # anything else httpx raises: still one ClientError
                 raise ClientError(f"{method} {self.url}{path} failed: {type(error).__name__}: {error}") from None
-            if response.status_code in RETRY_STATUSES and not last:
+            if _retryable(response) and not last:
                 self._wait(attempt, response)
                 continue
             if response.status_code >= 400:

@@ -187,6 +187,20 @@ class Load:
         return [result for result in self.results if result[0] != 200]
 
 
+class ClientLoad(Load):
+    """`concurrency` threads calling `Client.predict` (its retries on) back to back."""
+
+    def _run(self, i: int) -> None:
+        with Client(self.url, retries=8, backoff=0.25, timeout=60) as client:
+            while not self.stop.is_set():
+                sent = time.monotonic()
+                try:
+                    client.predict([TEXTS[i % 3]])
+                    self.results.append((200, "", sent))
+                except Exception as error:  # noqa: BLE001  ClientError, or anything else: a failed call
+                    self.results.append((getattr(error, "status", -1), repr(error), sent))
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tiny_bert) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("serve")
@@ -309,17 +323,28 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served):
     _wait(lambda: _replicas() == 1, 60, "the return to one replica")
 
 
-def test_killed_replica_is_replaced_and_requests_succeed_after(served):
-    import ray
+def test_sigkilled_replica_fails_no_client_call_and_is_replaced(served):
+    """The drill: SIGKILL (no handler runs) the replica process serving a bounded load from
+    raw requests and from `Client` (its retries on). Every Client call succeeds; the raw
+    requests that failed show what a client without retries meets."""
+    import signal
 
     serving = httpx.get(f"{served['url']}/v1/model").json()["stats"]["replica"]
     victim = f"SERVE_REPLICA::{APP}#TLRayModel#{serving}"
     assert victim in _replica_names()
-    with Load(served["url"], concurrency=4) as load:
-        _wait(lambda: len(load.results) >= 8, 60, "answers before the kill")
-        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    pid = next(r["pid"] for r in _deployment()["replicas"] if r["replica_id"] == serving)
+    with Load(served["url"], concurrency=2) as raw, ClientLoad(served["url"], concurrency=2) as calls:
+        _wait(lambda: len(raw.results) >= 8 and len(calls.results) >= 8, 60, "answers before the kill")
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
         _wait(lambda: _replica_names() - {victim} and _replicas() >= 1, 90, "a new replica")
-    print(f"answers during the kill: {len(load.results)}, failed: {len(load.failures())}")
+        _wait(lambda: sum(sent > killed and s == 200 for s, _, sent in calls.results) >= 8, 90,
+              "client answers after the kill")
+    statuses = sorted({status for status, _, _ in raw.failures()})
+    print(json.dumps({"drill": "replica-sigkill", "raw_requests": len(raw.results),
+                      "raw_failed": len(raw.failures()), "raw_failed_statuses": statuses,
+                      "client_calls": len(calls.results), "client_failed": len(calls.failures())}))
+    assert not calls.failures(), calls.failures()[:3]
     # Serve itself has dropped the victim (its health check found the actor dead), so the
     # next test starts from a state Serve agrees with.
     replaced = lambda: serving not in _replica_ids() and _replicas_alive(_deployment())  # noqa: E731

@@ -1,5 +1,6 @@
 """The HTTP client and `tl-ray query` against a tiny local HTTP server (no Ray): retries on
-503, no retry on 4xx, bearer token, timeouts, refused connections."""
+503 and on the proxy's bare 500, no retry on 4xx or tl-ray's own 500, bearer token, timeouts,
+refused connections."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ PREDICTION = {"label": "pos", "score": 0.9, "probabilities": {"neg": 0.1, "pos":
 
 
 class FakeEndpoint(ThreadingHTTPServer):
-    """Answers `script` statuses in turn (then 200s) and records each request's headers."""
+    """Answers `script` statuses in turn (then 200s) and records each request's headers. A
+    status is answered with tl-ray's `{"detail": ...}` body; "500-bare" is Serve's proxy's 500
+    (plain text, as when the replica died mid-request)."""
 
     def __init__(self, script: list[int], delay_s: float = 0.0) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
@@ -42,13 +45,13 @@ class _Handler(BaseHTTPRequestHandler):
         server.seen.append((self.command, self.path, self.headers.get("Authorization")))
         time.sleep(server.delay_s)
         status = server.script.pop(0) if server.script else 200
-        if status == 200:
-            payload = body or {"status": "ok"}
+        kind = "application/json"
+        if status == "500-bare":
+            status, kind, data = 500, "text/plain; charset=utf-8", b"Internal Server Error"
         else:
-            payload = {"detail": f"scripted {status}"}
-        data = json.dumps(payload).encode()
+            data = json.dumps(body or {"status": "ok"} if status == 200 else {"detail": f"scripted {status}"}).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(data)))
         if status == 503:
             self.send_header("Retry-After", "0")
@@ -86,6 +89,21 @@ def test_client_gives_up_after_its_retries(endpoint):
     with pytest.raises(ClientError, match="503: scripted 503") as error:
         predict(endpoint.url, ["a"], retries=2, backoff=0.01)
     assert error.value.status == 503 and len(endpoint.seen) == 3
+
+
+@pytest.mark.parametrize("endpoint", [(["500-bare", 502, 504, "500-bare"],)], indirect=True)
+def test_client_retries_the_proxys_bare_500_and_gateway_errors(endpoint):
+    with Client(endpoint.url, retries=4, backoff=0.01) as client:
+        assert client.predict(["a"]) == [PREDICTION]
+    assert len(endpoint.seen) == 5
+
+
+@pytest.mark.parametrize("endpoint", [([500],)], indirect=True)
+def test_client_does_not_retry_tl_rays_own_500(endpoint):
+    """A 500 with tl-ray's error body is the replica failing on this input: not repeated."""
+    with pytest.raises(ClientError, match="500: scripted 500") as error:
+        predict(endpoint.url, ["a"], retries=3, backoff=0.01)
+    assert error.value.status == 500 and len(endpoint.seen) == 1
 
 
 @pytest.mark.parametrize("endpoint", [([422],)], indirect=True)

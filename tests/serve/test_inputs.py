@@ -138,3 +138,25 @@ def test_any_multipart_body_gets_a_4xx_or_a_200(parts, noise, cut):
         assert "\n" not in answer.json()["detail"]
     else:
         assert np.asarray(answer.json()["items"]).shape[1:] == (8, 8, 3)
+
+
+def test_an_internal_error_is_a_500_with_the_error_body_and_the_replica_app_uses_it():
+    """tl-ray's own 500 carries `{"detail": one line}`, which `Client` does not retry; Serve's
+    proxy answers a replica that died mid-request with a bare 500, which it does."""
+    from tl_ray.client import _retryable
+    from tl_ray.serve.app import api
+    from tl_ray.serve.inputs import failed
+
+    assert api.exception_handlers[Exception] is failed  # the replica's app
+    app = FastAPI()
+    app.add_exception_handler(Exception, failed)
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("the model broke\nat layer 3")
+
+    answer = TestClient(app, raise_server_exceptions=False).get("/boom")
+    assert answer.status_code == 500 and answer.json() == {"detail": "internal error: RuntimeError: the model broke"}
+    assert not _retryable(answer)
+    bare = type(answer)(500, text="Internal Server Error")
+    assert _retryable(bare)

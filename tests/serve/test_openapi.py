@@ -214,15 +214,15 @@ def test_the_schema_is_the_contract_of_the_model_served(apps):
 
     predict = {name: schema["paths"]["/v1/predict"]["post"]
                for name, schema in (("text", text), ("secured", secured))}  # fmt: skip
-    assert set(predict["text"]["responses"]) == {"200", "400", "413", "422", "503"}
-    assert set(predict["secured"]["responses"]) == {"200", "400", "401", "413", "422", "503"}
+    assert set(predict["text"]["responses"]) == {"200", "400", "413", "422", "500", "503"}
+    assert set(predict["secured"]["responses"]) == {"200", "400", "401", "413", "422", "500", "503"}
     assert predict["secured"]["security"] == [{"bearer": []}] and "security" not in predict["text"]
     assert secured["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
-    assert set(text["paths"]["/healthz"]["get"]["responses"]) == {"200", "503"}
-    assert set(secured["paths"]["/v1/model"]["get"]["responses"]) == {"200", "401", "503"}
+    assert set(text["paths"]["/healthz"]["get"]["responses"]) == {"200", "500", "503"}
+    assert set(secured["paths"]["/v1/model"]["get"]["responses"]) == {"200", "401", "500", "503"}
     error = text["components"]["schemas"]["ErrorBody"]
     assert error["required"] == ["detail"] and error["properties"]["detail"]["type"] == "string"
-    for status in ("400", "413", "422", "503"):
+    for status in ("400", "413", "422", "500", "503"):
         documented = predict["text"]["responses"][status]["content"]["application/json"]["schema"]
         assert documented == {"$ref": "#/components/schemas/ErrorBody"}
 

@@ -59,7 +59,7 @@ from tl_ray.serve.api import (
     one_line,
     token_digest,
 )
-from tl_ray.serve.inputs import refuse, request_items
+from tl_ray.serve.inputs import failed, refuse, request_items
 from tl_ray.serve.openapi import SERVED, ContractAPI, error_responses
 
 __all__ = [
@@ -251,6 +251,7 @@ api = ContractAPI(
     "when the server has a token. This schema describes the model this replica serves now.",
 )
 api.add_exception_handler(RequestError, refuse)  # type: ignore[arg-type]
+api.add_exception_handler(Exception, failed)
 
 
 def _slot(user_config: Any) -> ModelSlot:
@@ -346,7 +347,7 @@ class TLRayServer:
         return self._current
 
     @api.post("/v1/predict", response_model=PredictResponse,
-              responses=error_responses(400, 401, 413, 422, 503))  # fmt: skip
+              responses=error_responses(400, 401, 413, 422, 500, 503))  # fmt: skip
     async def predict(self, request: Request) -> dict[str, Any]:
         """Classify `texts` (or `images`): label, score and class probabilities each, in order."""
         self._authorize(request)
@@ -359,13 +360,13 @@ class TLRayServer:
         model = {"path": info.path, "backbone": info.backbone, "trial": trial}
         return {"predictions": [p for answer in answers for p in answer], "model": model}
 
-    @api.get("/healthz", response_model=Health, responses=error_responses(503))
+    @api.get("/healthz", response_model=Health, responses=error_responses(500, 503))
     async def healthz(self) -> dict[str, str]:
         """Liveness: 200 once a model is loaded (no token needed)."""
         self._loaded()
         return {"status": "ok"}
 
-    @api.get("/v1/model", response_model=ModelDescription, responses=error_responses(401, 503))
+    @api.get("/v1/model", response_model=ModelDescription, responses=error_responses(401, 500, 503))
     async def model(self, request: Request) -> dict[str, Any]:
         """The model (backbone, depth, metrics, trial, labels, device, version), this replica's
         batch sizes and torch threads, and the last model swap it refused (`last_swap_error`)."""

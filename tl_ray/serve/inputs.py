@@ -1,6 +1,7 @@
 """Reading a `POST /v1/predict` request: the body within its byte limit, JSON or a multipart
 upload (Starlette's form parser, python-multipart underneath), and images decoded to pixels.
-Every refusal is a `RequestError`: a 4xx status and one line (no Ray here).
+Every refusal is a `RequestError`: a 4xx status and one line; any other error is a 500 with the
+same body (`failed`). No Ray here.
 
 Example:
     >>> items = await request_items(request, Limits(), predictor)  # doctest: +SKIP
@@ -29,6 +30,7 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "decode_base64_images",
     "decoded_images",
+    "failed",
     "multipart_files",
     "read_body",
     "refuse",
@@ -45,6 +47,14 @@ async def refuse(request: Request, error: RequestError) -> JSONResponse:
     """The answer to a refused request: its status, `{"detail": one line}` (`ErrorBody`)."""
     headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
     return JSONResponse({"detail": error.message}, status_code=error.status, headers=headers)
+
+
+async def failed(request: Request, error: Exception) -> JSONResponse:
+    """The answer to a request the replica failed on (a bug, not the request): 500 with
+    `ErrorBody`. Serve's proxy answers a request whose replica died mid-way with a bare 500
+    ("Internal Server Error", no JSON): the body tells the two apart, and `Client` retries
+    only the bare one. Starlette re-raises `error` after this answer, so it is logged."""
+    return JSONResponse({"detail": f"internal error: {one_line(error)}"}, status_code=500)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

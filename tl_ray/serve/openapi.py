@@ -4,7 +4,7 @@
 `POST /v1/predict` takes `{"texts": [...]}` only, an image model's `{"images": [base64, ...]}`
 or a multipart upload only, with the replica's limits (`maxItems`, `maxLength` when long
 texts are rejected) and an example the endpoint accepts. Every status a route answers is
-documented with the body it really has (`ErrorBody` for 4xx and 503), and the bearer token
+documented with the body it really has (`ErrorBody` for 4xx, 500 and 503), and the bearer token
 scheme (and 401) only where the replica has a token.
 
 Example:
@@ -49,6 +49,8 @@ _WHY = {
     413: "Request body over the server's byte limit.",
     422: "Well-formed, but not a request this model takes (wrong field, kind, count, length "
     "or an image that does not decode).",
+    500: "The replica failed on this request (a bug; `detail` says what). A 500 without this "
+    "body is Serve's proxy: the replica died mid-request, and the request is safe to repeat.",
     503: "No model loaded yet (set user_config.model).",
 }
 
