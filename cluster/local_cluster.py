@@ -131,13 +131,13 @@ def _wait(started: list[tuple[str, subprocess.Popen]], log: Path) -> None:
             _die(f"`ray start` of node {name} failed (exit {process.returncode}); see {log}")
 
 
-def _node_args(name: str, cpus: float, gpus: int, directory: Path, ports: dict[str, int]) -> list[str]:
+def _node_args(name: str, cpus: float, gpus: int, temp: Path, ports: dict[str, int]) -> list[str]:
     args = [
         "--node-ip-address=127.0.0.1",
         f"--num-cpus={int(cpus)}",
         f"--num-gpus={gpus}",
         f"--resources={json.dumps({f'tl_node_{name}': 1})}",
-        f"--temp-dir={directory / 'r' / name}",
+        f"--temp-dir={temp}",
         f"--node-manager-port={ports['node_manager']}",
         f"--object-manager-port={ports['object_manager']}",
         f"--dashboard-agent-listen-port={ports['agent_http']}",
@@ -167,22 +167,6 @@ def up(opts: argparse.Namespace) -> None:
     flat = _free_ports(len(HEAD_PORTS) + len(NODE_PORTS) * len(names))
     head_ports = dict(zip(HEAD_PORTS, flat[: len(HEAD_PORTS)]))
     cluster_id = uuid.uuid4().hex
-    # Nothing of another Ray may leak in: its address, API server or token.
-    inherited = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
-    env = {k: v for k, v in os.environ.items() if k not in inherited}
-    ray_bin = str(Path(_ray_exe()).parent)
-    env.update(
-        {
-            MARKER: cluster_id,
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN_PATH": str(token_path),
-            "RAY_USAGE_STATS_ENABLED": "0",
-            # State API calls (Ray Train's placement-group cleaner uses them) must reach this
-            # cluster's dashboard, not guess among the Ray instances running on this machine.
-            "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{head_ports['dashboard']}",
-            "PATH": ray_bin + os.pathsep + env.get("PATH", ""),  # job entrypoints find `python`
-        }
-    )
     state = {
         "cluster_id": cluster_id,
         "dir": str(directory),
@@ -195,6 +179,7 @@ def up(opts: argparse.Namespace) -> None:
         "started": time.time(),
     }
     _write_state(directory, state)  # so `down` can clean up even if a later start fails
+    env = _cluster_env(state)
     log = directory / "ray-start.log"
     started = []
     for index, name in enumerate(names):
@@ -203,7 +188,7 @@ def up(opts: argparse.Namespace) -> None:
         head = name == "head"
         cpus = opts.head_cpus if head else opts.cpus_per_worker
         gpus = 0 if head else opts.gpus_per_worker
-        args = _node_args(name, cpus, gpus, directory, ports)
+        args = _node_args(name, cpus, gpus, directory / "r" / name, ports)
         if head:
             args = [
                 "--head",
@@ -233,6 +218,27 @@ def up(opts: argparse.Namespace) -> None:
     (directory / "env.sh").write_text(_env_lines(state), encoding="utf-8")
     print(f"local Ray cluster up: head + {opts.workers} workers ({directory})")
     print(_summary(state))
+
+
+def _cluster_env(state: dict) -> dict[str, str]:
+    """The environment of this cluster's `ray start`s: its marker, token and dashboard."""
+    # Nothing of another Ray may leak in: its address, API server or token.
+    inherited = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+    env = {k: v for k, v in os.environ.items() if k not in inherited}
+    ray_bin = str(Path(_ray_exe()).parent)
+    env.update(
+        {
+            MARKER: state["cluster_id"],
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": state["token_path"],
+            "RAY_USAGE_STATS_ENABLED": "0",
+            # State API calls (Ray Train's placement-group cleaner uses them) must reach this
+            # cluster's dashboard, not guess among the Ray instances running on this machine.
+            "RAY_API_SERVER_ADDRESS": state["dashboard"],
+            "PATH": ray_bin + os.pathsep + env.get("PATH", ""),  # job entrypoints find `python`
+        }
+    )
+    return env
 
 
 def _raylet(pids: list[int]) -> int | None:
@@ -322,7 +328,8 @@ def down(opts: argparse.Namespace) -> None:
 
 
 def stop_node(opts: argparse.Namespace) -> None:
-    """Kill one worker node's raylet (SIGKILL), as a machine failure would."""
+    """Kill one worker node as a machine failure would: SIGKILL to its raylet and to every
+    other process of the node (its workers would otherwise run on until they notice)."""
     state = _load_state(_state_dir()) or _die("no local cluster is up")
     node = next((n for n in state["nodes"] if n["name"] == opts.name), None)
     if node is None or node["name"] == "head":
@@ -330,7 +337,38 @@ def stop_node(opts: argparse.Namespace) -> None:
     if not node.get("raylet_pid"):
         _die(f"node {opts.name} has no recorded raylet")
     os.kill(node["raylet_pid"], signal.SIGKILL)
-    print(f"killed raylet {node['raylet_pid']} of node {opts.name}")
+    others = [pid for pid in cluster_pids(state["cluster_id"], node=node["name"]) if pid != node["raylet_pid"]]
+    for pid in others:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:  # gone already
+            pass
+    print(f"killed raylet {node['raylet_pid']} and {len(others)} other processes of node {opts.name}")
+
+
+def start_node(opts: argparse.Namespace) -> None:
+    """Start a stopped worker node again (same name, CPUs and GPUs; new ports, a new node id):
+    what replacing a failed machine does. The node's leftover processes are stopped first."""
+    directory = _state_dir()
+    state = _load_state(directory) or _die("no local cluster is up")
+    node = next((n for n in state["nodes"] if n["name"] == opts.name and n["name"] != "head"), None)
+    if node is None:
+        _die(f"no worker node {opts.name!r}; nodes: {[n['name'] for n in state['nodes']]}")
+    if _raylet([pid for pid in cluster_pids(state["cluster_id"], node=node["name"]) if not _zombie(pid)]):
+        _die(f"node {opts.name} is running; stop it first (`cluster/local.sh stop-node {opts.name}`)")
+    _terminate(cluster_pids(state["cluster_id"], node=node["name"]), grace_s=5.0)
+    node["restarts"] = node.get("restarts", 0) + 1
+    ports = dict(zip(NODE_PORTS, _free_ports(len(NODE_PORTS))))
+    temp = directory / "r" / f"{node['name']}.{node['restarts']}"  # not the dead node's sockets
+    args = [f"--address={state['gcs_address']}", *_node_args(node["name"], node["cpus"], node["gpus"], temp, ports)]
+    env = {**_cluster_env(state), NODE_MARKER: node["name"], NODE_CACHE_ENV: node["cache_dir"]}
+    log = directory / "ray-start.log"
+    _wait([(node["name"], _ray_start(args, env, log))], log)
+    time.sleep(0.5)
+    node.update(ports=ports, pids=cluster_pids(state["cluster_id"], node=node["name"]))
+    node["raylet_pid"] = _raylet(node["pids"])
+    _write_state(directory, state)
+    print(f"started node {node['name']} again (raylet {node['raylet_pid']})")
 
 
 def _api(state: dict, path: str):
@@ -387,8 +425,10 @@ def main(argv: list[str] | None = None) -> None:
     show.add_argument("--json", action="store_true")
     kill = commands.add_parser("stop-node", help="kill one worker node's raylet (fault drill)")
     kill.add_argument("name", help="w1, w2, ...")
+    again = commands.add_parser("start-node", help="start a stopped worker node again")
+    again.add_argument("name", help="w1, w2, ...")
     opts = parser.parse_args(argv)
-    {"up": up, "down": down, "status": status, "stop-node": stop_node}[opts.command](opts)
+    {"up": up, "down": down, "status": status, "stop-node": stop_node, "start-node": start_node}[opts.command](opts)
 
 
 if __name__ == "__main__":

@@ -219,6 +219,79 @@ def _first_checkpoint(storage: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _node_names(cluster) -> dict[str, str]:
+    """Ray node id -> local.sh node name (head, w1, ...), of the nodes alive now."""
+    status = json.loads(_local(["status", "--json"], cluster["state_dir"]).stdout)
+    names = {}
+    for node in status["ray_nodes"]:
+        tag = next((k for k in node["resources_total"] if k.startswith("tl_node_")), None)
+        if tag and node.get("state") == "ALIVE":
+            names[node["node_id"]] = tag.removeprefix("tl_node_")
+    return names
+
+
+def _epoch_rows(output: Path) -> list[dict]:
+    """The search's epoch log (epochs.jsonl) so far; a line being written is skipped."""
+    path = output / "epochs.jsonl"
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def test_worker_node_loss_during_a_search(cluster, tiny_bert, sentiment_csv, tmp_path):
+    """The drill: a submitted search of two trials, one on each worker node; a node is killed
+    once both trials have reported an epoch. The search finishes, the lost trial restarts on
+    the other node from its last checkpoint, and no (trial, epoch) is written twice. Then
+    `local.sh start-node` brings the node back for the tests after this one."""
+    import pyarrow.parquet as pq
+
+    job_dir, output = tmp_path / "job", tmp_path / "search"
+    job_dir.mkdir()
+    write_run(job_dir, tiny_bert, sentiment_csv, output, epochs=6)
+    (job_dir / "space.yaml").write_text(SPACE, encoding="utf-8")
+    done, lines = tl_ray(["submit", "--env", "HF_HUB_OFFLINE=1", "--", "tune", "run.yaml", "--space", "space.yaml"],
+                         client_env(cluster), cwd=job_dir)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    names = cluster["node_names"]
+    deadline = time.monotonic() + 300
+    while len({r["node_id"] for r in _epoch_rows(output) if r["epoch"] < 6}) < 2:
+        assert time.monotonic() < deadline, f"no two trials part-way on two nodes: {_epoch_rows(output)}"
+        time.sleep(0.2)
+    first = min((r for r in _epoch_rows(output) if r["epoch"] < 6), key=lambda r: r["epoch"])
+    victim, trial = names[first["node_id"]], first["config"]["optuna_trial"]
+    _local(["stop-node", victim], cluster["state_dir"])
+    killed_at = len(_epoch_rows(output))
+    try:
+        final = follow(cluster, lines[0]["submission_id"], tmp_path)
+        assert final["status"] == "SUCCEEDED" and final["returncode"] == 0, final["log"][-4000:]
+        rows = pq.read_table(output / "trials.parquet").to_pylist()
+        keys = [(r["trial"], r["epoch"]) for r in rows]
+        assert len(keys) == len(set(keys)), "an epoch is written twice in trials.parquet"
+        assert sorted(keys) == [(t, e) for t in sorted({k[0] for k in keys}) for e in range(1, 7)], keys
+        assert {r["status"] for r in rows} == {"complete"} and len({k[0] for k in keys}) == 2
+        best = json.loads((output / "best.json").read_text())
+        assert best["trials"] == 2 and best["model"]
+        # Epochs trained after the loss (not the resumed-from epoch, reported again as it was).
+        after = [r for r in _epoch_rows(output)[killed_at:]
+                 if r["config"]["optuna_trial"] == trial and r["resumed_from_epoch"]]  # fmt: skip
+        seen = [(r["config"]["optuna_trial"], r["epoch"], r["resumed_from_epoch"], names.get(r["node_id"]))
+                for r in _epoch_rows(output)]  # fmt: skip
+        assert after and all(names.get(r["node_id"]) != victim for r in after), (trial, killed_at, seen)
+        print(json.dumps({"drill": "node-loss-search", "node": victim, "trial": trial,
+                          "epochs_after_loss": sorted(r["epoch"] for r in after)}))
+    finally:
+        _local(["start-node", victim], cluster["state_dir"])
+        deadline = time.monotonic() + 60
+        while victim not in _node_names(cluster).values():
+            assert time.monotonic() < deadline, f"{victim} did not rejoin the cluster"
+            time.sleep(0.5)
+        cluster["node_names"] = {**names, **_node_names(cluster)}  # the new node id too
+
+
 def test_worker_node_loss_during_training(cluster, tiny_bert, sentiment_csv, tmp_path):
     """Kill the node a submitted training run is on: Ray Train restarts the worker group on
     the other node from the last checkpoint; checkpoints written before the loss remain.

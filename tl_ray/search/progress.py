@@ -12,7 +12,7 @@ from ray.tune import Callback
 __all__ = ["EpochLog", "SearchProgress"]
 
 _LOGGED = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_f1", "samples_per_s", "lr",
-           "epoch_s", "checkpoint_path")  # fmt: skip
+           "epoch_s", "checkpoint_path", "unfreeze_depth", "resumed_from_epoch", "node_id")  # fmt: skip
 
 
 class EpochLog(Callback):
