@@ -250,6 +250,9 @@ class SearchConfig(_Strict):
     grace_period: int = Field(default=1, ge=1)
     reduction_factor: int = Field(default=2, ge=2)
     max_concurrent_trials: int | None = Field(default=None, ge=1)
+    # k >= 2: each trial trains k models on stratified folds of the labeled rows (training and
+    # validation pooled) and scores their mean (tl_ray/search/folds.py): k times the cost.
+    cv_folds: int | None = Field(default=None, ge=2)
     storage: str | None = None  # SQLAlchemy URL; default: sqlite file in the output folder
     # How a trial trains: "in-process" runs the one-worker loop in the Tune trial's own process
     # (no Train run to start per trial); "ray-train" gives every trial its own Ray Train run

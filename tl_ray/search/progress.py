@@ -12,7 +12,8 @@ from ray.tune import Callback
 __all__ = ["EpochLog", "SearchProgress"]
 
 _LOGGED = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_f1", "samples_per_s", "lr",
-           "epoch_s", "checkpoint_path", "unfreeze_depth", "resumed_from_epoch", "node_id")  # fmt: skip
+           "epoch_s", "checkpoint_path", "unfreeze_depth", "resumed_from_epoch", "node_id",
+           "val_loss_std", "val_accuracy_std", "val_f1_std", "cv_folds")  # fmt: skip
 
 
 class EpochLog(Callback):
@@ -60,7 +61,9 @@ class SearchProgress(Callback):
             self.best = (value, number)
         self.last_epoch[trial.trial_id] = result.get("epoch", 0)
         running = sum(1 for t in trials if t.status == "RUNNING")
-        self.echo(f"trial {number} epoch {result.get('epoch')}: {self.metric} {value:.4f} | {self._status(running)}")
+        spread = result.get(f"{self.metric}_std")  # the folds' spread, with search.cv_folds
+        shown = f"{value:.4f}" + ("" if spread is None else f" ± {spread:.4f}")
+        self.echo(f"trial {number} epoch {result.get('epoch')}: {self.metric} {shown} | {self._status(running)}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         self._finish(trials, trial, "finished")

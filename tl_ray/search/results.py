@@ -26,7 +26,8 @@ __all__ = ["BEST_FILE", "TABLE_FILE", "export_results", "read_trials"]
 TABLE_FILE = "trials.parquet"
 LOG_FILE = "epochs.jsonl"
 BEST_FILE = "best.json"
-_METRICS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_f1", "samples_per_s", "lr")
+_METRICS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_f1", "samples_per_s", "lr",
+            "val_loss_std", "val_accuracy_std", "val_f1_std")  # *_std: the folds' spread (search.cv_folds)
 
 
 def _records(folder: Path):

@@ -37,6 +37,7 @@ from tl_ray.config import RunConfig, SearchConfig, apply_overrides, parse_config
 from tl_ray.data import Datasets, load_datasets
 from tl_ray.errors import ConfigError, TLRayError
 from tl_ray.io import write_json_atomic
+from tl_ray.search.folds import check_folds, run_folds_in_trial
 from tl_ray.search.progress import EpochLog, SearchProgress
 from tl_ray.search.results import BEST_FILE, LOG_FILE, export_results
 from tl_ray.search.searcher import BestEpochOptunaSearch, continued_seed
@@ -152,6 +153,9 @@ def _trial(
     sampled = {k: v for k, v in params.items() if k not in (TRIAL_KEY, RUN_KEY)}
     sampled = space.decode(sampled) if space is not None else sampled  # list/mapping choices
     cfg = parse_config(apply_overrides(base, to_overrides(sampled)))
+    if own_process and cfg.search.cv_folds:
+        run_folds_in_trial(cfg, datasets, storage_path=trials_dir, name=params[RUN_KEY])
+        return
     if own_process:
         run_in_trial(cfg, datasets, storage_path=trials_dir, name=params[RUN_KEY], cache_dir=cache_dir)
         return
@@ -201,6 +205,8 @@ def run_search(
     if not space.params:
         raise ConfigError("every parameter of the space is fixed by --set; nothing to search")
     validate_against(space, cfg, max_depth=get_backbone(cfg.backbone).num_layers())
+    if cfg.search.cv_folds:
+        _check_cross_validation(cfg)
     ensure_ray(address)
     max_concurrent_trials(cfg, ray.cluster_resources())  # can the cluster hold one trial?
     folder.mkdir(parents=True, exist_ok=True)
@@ -210,6 +216,15 @@ def run_search(
         {"config": cfg.model_dump(), "space": space.to_dict(), "study": study, "created": time.time()},
     )
     return _launch(cfg, space, folder, study, address=address, echo=echo)
+
+
+def _check_cross_validation(cfg: RunConfig) -> None:
+    """search.cv_folds runs the folds in the trial's own process, on data with enough rows."""
+    if not in_process(cfg):
+        raise ConfigError(f"search.cv_folds needs in-process trials (train.num_workers 1, "
+                          f"search.trial_runner auto or in-process), not {cfg.train.num_workers} workers "
+                          f"with trial_runner {cfg.search.trial_runner}")  # fmt: skip
+    check_folds(load_datasets(cfg.data, seed=cfg.train.seed), cfg.search.cv_folds)
 
 
 def resume_search(
@@ -305,7 +320,9 @@ def _run_tuner(cfg, space, folder, storage, remaining, datasets, echo, seed, stu
         tracking.append(MLflowTrials(options.mlflow_uri, experiment, study_name))
     own_process = in_process(cfg)
     runner = "in-process" if own_process else "a Ray Train run each"
-    echo(f"searching {remaining} trials, {concurrency} at a time ({runner}), sampler {options.sampler}")
+    folds = f", {options.cv_folds}-fold cross-validation (each trial trains {options.cv_folds} models)"
+    echo(f"searching {remaining} trials, {concurrency} at a time ({runner}), sampler {options.sampler}"
+         + (folds if options.cv_folds else ""))
     echo(f"curves: tensorboard --logdir {tensorboard_dir(folder)}")
     launch = run_name("tune")
     trainable = tune.with_parameters(
