@@ -10,7 +10,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from tl_ray.net import free_port
 
@@ -85,3 +85,38 @@ def run_tl_ray(*args: object, cwd: Path | None = None, env: dict[str, str] | Non
                           timeout=timeout, cwd=cwd, env=env)  # fmt: skip
     assert not check or done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+class LocalSession:
+    """A loop session of one worker in this process (no Ray Train), for `run_torch_loop`:
+    reports kept in `reports`, each checkpoint folder copied to ROOT/epoch-N, resumed from
+    the folder `resume` when given."""
+
+    rank, world, distributed = 0, 1, False
+
+    def __init__(self, tables: dict[str, Any], root: Path, resume: Path | None = None) -> None:
+        import torch
+
+        self.device = torch.device("cpu")
+        self.tables, self.root, self.resume = tables, root, resume
+        self.reports: list[dict[str, Any]] = []
+
+    def shard(self, name: str) -> Any:
+        from tl_ray.train.session import TableShard
+
+        return TableShard(self.tables[name])
+
+    def checkpoint(self) -> Any:
+        import ray.train
+
+        return None if self.resume is None else ray.train.Checkpoint.from_directory(str(self.resume))
+
+    def prepare_model(self, model: Any) -> Any:
+        return model
+
+    def report(self, metrics: dict[str, Any], folder: Path | None = None) -> None:
+        import shutil
+
+        self.reports.append(metrics)
+        if folder is not None:
+            shutil.copytree(folder, self.root / f"epoch-{metrics['epoch']}")

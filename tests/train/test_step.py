@@ -7,16 +7,13 @@ through, once resumed from the first run's epoch-1 checkpoint.
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pytest
 import torch
-from helpers import make_sentiment_rows
+from helpers import LocalSession, make_sentiment_rows
 
-from tl_ray.train.session import TableShard
 from tl_ray.train.step import TrainStep, linear_warmup
 
 CASES = [(10, 0.0), (10, 0.1), (10, 0.35), (9, 0.5), (1, 0.5), (100, 0.99)]
@@ -32,33 +29,6 @@ def test_the_schedule_is_transformers_linear_warmup(total, ratio):
     for _ in range(total + 2):
         assert mine.get_last_lr() == pytest.approx(reference.get_last_lr(), abs=1e-15)
         ours.step(), theirs.step(), mine.step(), reference.step()
-
-
-class LocalSession:
-    """One worker in this process; reports and checkpoints are kept in lists."""
-
-    rank, world, distributed = 0, 1, False
-    device = torch.device("cpu")
-
-    def __init__(self, tables: dict[str, pa.Table], root: Path, resume: Path | None = None) -> None:
-        self.tables, self.root, self.resume = tables, root, resume
-        self.reports: list[dict[str, Any]] = []
-
-    def shard(self, name: str) -> TableShard:
-        return TableShard(self.tables[name])
-
-    def checkpoint(self) -> Any:
-        import ray.train
-
-        return None if self.resume is None else ray.train.Checkpoint.from_directory(str(self.resume))
-
-    def prepare_model(self, model: Any) -> Any:
-        return model
-
-    def report(self, metrics: dict[str, Any], folder: Path | None = None) -> None:
-        self.reports.append(metrics)
-        if folder is not None:
-            shutil.copytree(folder, self.root / f"epoch-{metrics['epoch']}")
 
 
 def test_a_resumed_run_has_the_same_lr_at_every_step(ray_session, tiny_vectors, sentiment_csv, tmp_path,

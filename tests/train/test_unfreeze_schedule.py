@@ -7,51 +7,21 @@ The loop runs in this process (`run_torch_loop` / `run_keras_loop`) through a mi
 
 from __future__ import annotations
 
-import shutil
 import weakref
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pytest
 import torch
-from helpers import make_sentiment_rows
+from helpers import LocalSession, make_sentiment_rows
 
 from tl_ray import unfreeze
 from tl_ray.backbones.registry import get_backbone
 from tl_ray.config import parse_config
 from tl_ray.errors import BackboneError, CheckpointError, ConfigError
-from tl_ray.train.session import TableShard
 from tl_ray.train.step import TrainStep
 
 NAMES = ("neg", "pos")
-
-
-class LocalSession:
-    """One worker in this process; reports kept in a list, checkpoints copied per epoch."""
-
-    rank, world, distributed = 0, 1, False
-    device = torch.device("cpu")
-
-    def __init__(self, tables: dict[str, pa.Table], root: Path, resume: Path | None = None) -> None:
-        self.tables, self.root, self.resume = tables, root, resume
-        self.reports: list[dict[str, Any]] = []
-
-    def shard(self, name: str) -> TableShard:
-        return TableShard(self.tables[name])
-
-    def checkpoint(self) -> Any:
-        import ray.train
-
-        return None if self.resume is None else ray.train.Checkpoint.from_directory(str(self.resume))
-
-    def prepare_model(self, model: Any) -> Any:
-        return model
-
-    def report(self, metrics: dict[str, Any], folder: Path | None = None) -> None:
-        self.reports.append(metrics)
-        if folder is not None:
-            shutil.copytree(folder, self.root / f"epoch-{metrics['epoch']}")
 
 
 def _text_tables(n: int = 48) -> dict[str, pa.Table]:
@@ -209,13 +179,18 @@ def test_hf_text_schedule_sets_requires_grad_and_the_optimizer_each_epoch(ray_se
     assert not any("pooler" in n for n in seen[0][0]) and any("pooler" in n for n in seen[1][0])
 
 
+def _vectors_run(tiny_vectors: str) -> dict:
+    """Word vectors, frozen embedding in epoch 1, trained from epoch 2 (of 3)."""
+    return {"data": {"path": "x"},
+            "backbone": {"kind": "word-vectors", "vectors": tiny_vectors, "unfreeze_depth": 0, "dropout": 0.0,
+                         "unfreeze_schedule": [[2, 1]]},
+            "train": {"epochs": 3, "batch_size": 16, "max_length": 16, "lr": 1e-2, "cache": False}}  # fmt: skip
+
+
 def test_resume_mid_schedule_continues_at_the_depth_in_force(ray_session, tiny_vectors, tmp_path):
     from tl_ray.train.loop import run_torch_loop
 
-    raw = {"data": {"path": "x"},
-           "backbone": {"kind": "word-vectors", "vectors": tiny_vectors, "unfreeze_depth": 0, "dropout": 0.0,
-                        "unfreeze_schedule": [[2, 1]]},
-           "train": {"epochs": 3, "batch_size": 16, "max_length": 16, "lr": 1e-2, "cache": False}}  # fmt: skip
+    raw = _vectors_run(tiny_vectors)
     tables = _text_tables(60)
     straight = LocalSession(tables, tmp_path / "straight")
     run_torch_loop(_loop_config(parse_config(raw).model_dump(), tables), straight)
@@ -343,10 +318,7 @@ def test_an_unfreeze_step_rewraps_the_model_and_frees_the_old_wrapper(ray_sessio
     hooks) must be gone first, or its hooks fire on every later backward pass."""
     from tl_ray.train.loop import run_torch_loop
 
-    raw = {"data": {"path": "x"},
-           "backbone": {"kind": "word-vectors", "vectors": tiny_vectors, "unfreeze_depth": 0, "dropout": 0.0,
-                        "unfreeze_schedule": [[2, 1]]},
-           "train": {"epochs": 3, "batch_size": 16, "max_length": 16, "lr": 1e-2, "cache": False}}  # fmt: skip
+    raw = _vectors_run(tiny_vectors)
     tables = _text_tables(32)
     session = WrappingSession(tables, tmp_path / "straight")
     run_torch_loop(_loop_config(parse_config(raw).model_dump(), tables), session)

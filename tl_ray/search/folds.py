@@ -26,6 +26,7 @@ import pyarrow as pa
 from tl_ray import storage
 from tl_ray.errors import DataError
 from tl_ray.labels import Datasets
+from tl_ray.train.session import TrialSession
 
 __all__ = ["check_folds", "fold_of", "fold_datasets", "mean_of_folds", "run_folds_in_trial"]
 
@@ -92,30 +93,15 @@ class _EpochDone(Exception):
     """Raised by a FoldSession once its fold has reported the epoch it was run for."""
 
 
-class FoldSession:
+class FoldSession(TrialSession):
     """A TrialSession for one fold: it saves its fold's checkpoint and metrics for the epoch
     it is run for (`target`), then stops the loop; the next run resumes from that checkpoint."""
 
-    rank, world, distributed = 0, 1, False
-
-    def __init__(self, tables: dict[str, pa.Table], store: Any, device: Any) -> None:
-        self.tables, self.store, self.device, self.target = tables, store, device, 0
-        self.epochs: dict[int, dict[str, Any]] = self._recorded()
-
-    def _recorded(self) -> dict[int, dict[str, Any]]:
-        text = storage.read_text(self.store.location, EPOCHS_FILE)
-        return {} if text is None else {int(e): m for e, m in json.loads(text).items()}
-
-    def shard(self, name: str) -> Any:
-        from tl_ray.train.session import TableShard
-
-        return TableShard(self.tables[name])
-
-    def checkpoint(self) -> Any:
-        return self.store.latest()
-
-    def prepare_model(self, model: Any) -> Any:
-        return model.to(self.device)
+    def __init__(self, tables: dict[str, pa.Table], store: Any, *, cpus: float) -> None:
+        super().__init__(tables, store, cpus=cpus)
+        self.target = 0
+        text = storage.read_text(store.location, EPOCHS_FILE)  # what a retried trial's fold did
+        self.epochs: dict[int, dict[str, Any]] = {} if text is None else {int(e): m for e, m in json.loads(text).items()}
 
     def report(self, metrics: dict[str, Any], folder: Any = None) -> None:
         if metrics["epoch"] != self.target:  # the epoch resumed from, reported again: recorded
@@ -128,16 +114,12 @@ class FoldSession:
 
 def run_folds_in_trial(cfg: Any, datasets: Datasets, *, storage_path: str, name: str) -> None:
     """A cross-validated Tune trial in this process (see the module docstring)."""
-    import ray
-    import torch
     from ray import tune
 
     from tl_ray.train.driver import KERAS_KINDS, _loop_config, _numbered
-    from tl_ray.train.session import CheckpointStore, trial_device
+    from tl_ray.train.session import CheckpointStore
 
     tcfg, k = cfg.train, cfg.search.cv_folds
-    torch.set_num_threads(max(1, int(tcfg.cpus_per_worker)))
-    device = trial_device(ray.get_gpu_ids())
     if cfg.backbone.kind in KERAS_KINDS:
         from tl_ray.train.keras_loop import run_keras_loop as run_loop
     else:
@@ -148,7 +130,7 @@ def run_folds_in_trial(cfg: Any, datasets: Datasets, *, storage_path: str, name:
                                 metric=tcfg.metric, mode=tcfg.metric_mode)  # fmt: skip
         tables = {"train": _numbered(split.train), "validation": _numbered(split.validation)}
         config = _loop_config(cfg, split, None)  # no frozen-prefix cache: its rows are the unfolded splits'
-        folds.append((FoldSession(tables, store, device), config))
+        folds.append((FoldSession(tables, store, cpus=tcfg.cpus_per_worker), config))
     for epoch in range(1, tcfg.epochs + 1):
         for session, config in folds:
             if epoch in session.epochs:  # a retried trial: this fold has trained it already
