@@ -82,12 +82,11 @@ def _read_text(path: Path, encoding: str) -> str:
 
 def _read_delimited(path: Path, encoding: str, columns: Sequence[str], delimiter: str) -> pa.Table:
     convert = pacsv.ConvertOptions(column_types={name: pa.string() for name in columns})
+    # pyarrow reads UTF-8 itself; another encoding is decoded here, as the other readers do
+    # (pyarrow's own transcoding hands codecs a Buffer, which some, e.g. punycode, cannot take).
+    source = path if codecs.lookup(encoding).name == "utf-8" else io.BytesIO(_read_text(path, encoding).encode())
     try:
-        return pacsv.read_csv(
-            path, pacsv.ReadOptions(encoding=encoding), pacsv.ParseOptions(delimiter=delimiter), convert
-        )
-    except UnicodeError as error:  # from the Python codec pyarrow transcodes with
-        raise _decode_error(path, encoding, error) from None
+        return pacsv.read_csv(source, pacsv.ReadOptions(), pacsv.ParseOptions(delimiter=delimiter), convert)
     except pa.ArrowException as error:
         if "utf8" in str(error).lower():
             raise _decode_error(path, encoding) from None
