@@ -279,7 +279,7 @@ def test_worker_node_loss_during_a_search(cluster, tiny_bert, sentiment_csv, tmp
         assert best["trials"] == 2 and best["model"]
         # Epochs trained after the loss (not the resumed-from epoch, reported again as it was).
         after = [r for r in _epoch_rows(output)[killed_at:]
-                 if r["config"]["optuna_trial"] == trial and r["resumed_from_epoch"]]  # fmt: skip
+                 if r["config"]["optuna_trial"] == trial and 0 < r["resumed_from_epoch"] < r["epoch"]]  # fmt: skip
         seen = [(r["config"]["optuna_trial"], r["epoch"], r["resumed_from_epoch"], names.get(r["node_id"]))
                 for r in _epoch_rows(output)]  # fmt: skip
         assert after and all(names.get(r["node_id"]) != victim for r in after), (trial, killed_at, seen)
@@ -322,7 +322,8 @@ def test_worker_node_loss_during_training(cluster, tiny_bert, sentiment_csv, tmp
     metrics = [json.loads(p.read_text())["metrics"] for p in storage.glob("train_*/checkpoint_*/manifest.json")]
     names = cluster["node_names"]
     epochs = sorted((m["epoch"], m["resumed_from_epoch"], names.get(m["node_id"], "?")) for m in metrics)
-    resumed = [m for m in metrics if m["resumed_from_epoch"] > 0]
+    # Trained after a resume; the epoch resumed from is reported (and saved) once more as it was.
+    resumed = [m for m in metrics if 0 < m["resumed_from_epoch"] < m["epoch"]]
     assert resumed, f"the run never resumed after {node} was killed: {epochs}"
     assert all(m["node_id"] != killed for m in resumed), epochs  # the retry ran on the other node
     start = min(m["resumed_from_epoch"] for m in resumed)

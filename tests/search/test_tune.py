@@ -136,6 +136,18 @@ def test_an_interrupted_trial_continues_from_its_last_checkpoint(search):
     rows = pq.read_table(folder / "trials.parquet").to_pylist()
     assert not [r for r in rows if r["trial"] in {t.number for t in failed}]  # carried on by retries
     first_launch = sorted(p.name for p in folder.glob("tune_*"))[0]
+    # A resumed run first re-reports the epoch it resumed from (its row then belongs to the
+    # later launch; ASHA may stop the trial right there); every report of it names that epoch
+    # in `resumed_from_epoch`.
+    resumed_from = {}
+    for line in (folder / "epochs.jsonl").read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the killed driver's torn last line
+            continue
+        if record.get("launch") not in (None, first_launch) and record.get("resumed_from_epoch"):
+            trial = int(record["config"]["optuna_trial"])
+            resumed_from[trial] = max(resumed_from.get(trial, 0), record["resumed_from_epoch"])
     resumed_at = []
     for retry in retries:
         original = study.trials[retry.system_attrs["retry_history"][0]]
@@ -145,8 +157,9 @@ def test_an_interrupted_trial_continues_from_its_last_checkpoint(search):
         before = [r["epoch"] for r in rows if r["trial"] == retry.number and r["launch"] == first_launch]
         after = [r["epoch"] for r in rows if r["trial"] == retry.number and r["launch"] != first_launch]
         assert not before or min(after) > max(before)
-        if min(after) > 1:
-            resumed_at.append(min(after))
+        if retry.number in resumed_from:
+            assert min(after) <= resumed_from[retry.number] + 1  # trained on from there
+            resumed_at.append(resumed_from[retry.number])
     assert resumed_at, "no retried trial continued from a checkpoint"
 
 

@@ -67,8 +67,10 @@ def test_a_resumed_run_has_the_same_lr_at_every_step(ray_session, tiny_vectors, 
     steps_per_epoch = 4  # ceil(60 / 16); 12 steps in all, 6 of warmup
     assert len(straight_lrs) == 12 and straight_lrs[0] == 0.0 and max(straight_lrs) == pytest.approx(1e-2)
     assert lrs == straight_lrs[steps_per_epoch:]  # the resumed run continues the same schedule
-    # Epoch 1, resumed from, is reported once more (as it was: a driver may never have seen it).
-    assert [r["epoch"] for r in resumed.reports] == [1, 2, 3] and resumed.reports[0] == straight.reports[0]
+    # Epoch 1, resumed from, is reported once more (as it was: a driver may never have seen it),
+    # named as the epoch resumed from.
+    assert [r["epoch"] for r in resumed.reports] == [1, 2, 3]
+    assert resumed.reports[0] == {**straight.reports[0], "resumed_from_epoch": 1}
     assert resumed.reports[1]["resumed_from_epoch"] == 1
     assert [r["lr"] for r in resumed.reports] == [r["lr"] for r in straight.reports]
     assert (tmp_path / "resumed" / "epoch-3" / "train_state.pt").is_file()

@@ -93,7 +93,7 @@ def run_keras_loop(config: dict[str, Any], session: Any) -> None:
 
     if checkpoint is not None:  # the epoch resumed from, once more: see loop.py
         plain.set_weights(model.get_weights())  # every worker, same point: a collective read
-        report(resumed["metrics"], first_epoch - 1)
+        report({**resumed["metrics"], "resumed_from_epoch": first_epoch - 1}, first_epoch - 1)
 
     # -- loop -------------------------------------------------------------------------------
     stage, fit_model, features = None, model, None

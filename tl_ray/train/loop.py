@@ -123,8 +123,8 @@ def run_torch_loop(config: dict[str, Any], session: Any) -> None:
         # Report the epoch resumed from once more: a driver stopped after its checkpoint was
         # saved but before it logged the report never saw it (nor its row, nor its Optuna
         # value), and a run resumed after its last epoch ends with a result. Readers key
-        # epochs by number, so one seen already counts once.
-        report(state["metrics"], state["epoch"])
+        # epochs by number, so one seen already counts once; this report names the resume.
+        report({**state["metrics"], "resumed_from_epoch": state["epoch"]}, state["epoch"])
     for epoch in range(first_epoch, tcfg.epochs + 1):
         started = time.perf_counter()
         if backbone.depth_at(epoch) != depth:  # a step of the unfreeze schedule
