@@ -7,7 +7,7 @@ DEMO_PORT ?= 8000
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast drills bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,21 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# The reliability drills (issue 17), RUNS times in a row; each prints its figure as a JSON line.
+RUNS ?= 1
+DRILLS := tests/drills tests/search/test_tune.py \
+	tests/serve/test_app.py::test_sigkilled_replica_fails_no_client_call_and_is_replaced \
+	tests/cluster/test_local_cluster.py::test_worker_node_loss_during_a_search \
+	tests/cluster/test_local_cluster.py::test_worker_node_loss_during_training
+drills: setup
+	mkdir -p runs
+	for run in $$(seq $(RUNS)); do \
+		echo "drills: run $$run of $(RUNS) (log: runs/drills-$$run.log)"; \
+		$(PY) -m pytest -q -s -p no:cacheprovider $(DRILLS) >runs/drills-$$run.log 2>&1; code=$$?; \
+		grep -oE '\{"drill".*\}|[0-9]+ (passed|failed).*' runs/drills-$$run.log; \
+		[ $$code -eq 0 ] || exit 1; \
+	done
 
 bench: setup
 	$(PY) benchmarks/train_throughput.py

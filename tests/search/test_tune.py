@@ -161,6 +161,8 @@ def test_an_interrupted_trial_continues_from_its_last_checkpoint(search):
             assert min(after) <= resumed_from[retry.number] + 1  # trained on from there
             resumed_at.append(resumed_from[retry.number])
     assert resumed_at, "no retried trial continued from a checkpoint"
+    print(json.dumps({"drill": "tune-driver-sigkill", "trials_kept": len(search[2]), "trials_retried": len(retries),
+                      "resumed_from_epochs": sorted(resumed_at)}))  # fmt: skip
 
 
 def test_search_finishes_and_best_json_names_the_best_trial(search):
