@@ -115,3 +115,49 @@ def test_cross_validation_refusals_come_before_any_trial(tmp_path, tiny_vectors,
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "search" / "search.json").exists()  # nothing to resume or trip over
+
+
+class _Killed(Exception):
+    """Stands in for a trial process killed between two folds' epochs."""
+
+
+def test_a_retried_cross_validated_trial_trains_only_the_folds_epochs_it_lacks(ray_session, tiny_vectors,
+                                                                              tmp_path, monkeypatch):  # fmt: skip
+    """Killed after fold 0's epoch 2, before fold 1's: the retry trains fold 1's epoch 2 only,
+    and reports the same epochs and means an uninterrupted trial does."""
+    import ray.tune
+
+    import tl_ray.train.loop as loop
+    from tl_ray.config import load_config
+    from tl_ray.data import load_datasets
+    from tl_ray.search.folds import run_folds_in_trial
+
+    _inputs(tmp_path, tiny_vectors, folds=2)
+    cfg = load_config(tmp_path / "run.yaml")
+    datasets = load_datasets(cfg.data, seed=cfg.train.seed)
+    reports, calls, real_loop = [], [], loop.run_torch_loop
+    monkeypatch.setattr(ray.tune, "report", lambda metrics, **_: reports.append(metrics))
+
+    def counted_loop(config, session, kill_at=None):
+        calls.append(session.target)
+        if len(calls) == kill_at:
+            raise _Killed
+        return real_loop(config, session)
+
+    def trial(storage, kill_at=None):
+        reports.clear(), calls.clear()
+        monkeypatch.setattr(loop, "run_torch_loop", lambda c, s: counted_loop(c, s, kill_at))
+        run_folds_in_trial(cfg, datasets, storage_path=str(storage), name="optuna_0")
+        return list(reports), list(calls)
+
+    straight, straight_calls = trial(tmp_path / "straight")
+    assert straight_calls == [1, 1, 2, 2]  # epoch-major: (epoch 1: folds 0, 1), (epoch 2: folds 0, 1)
+    with pytest.raises(_Killed):
+        trial(tmp_path / "killed", kill_at=4)
+    assert [r["epoch"] for r in reports] == [1]  # epoch 2's mean was never reported
+    retried, retried_calls = trial(tmp_path / "killed")
+    assert retried_calls == [2]  # fold 1's epoch 2; fold 0's and all of epoch 1 were on disk
+    assert [r["epoch"] for r in retried] == [1, 2]  # every epoch reported again, for ASHA and the log
+    for ours, theirs in zip(retried, straight):
+        for key in ("val_loss", "val_accuracy", "val_accuracy_std", "train_loss"):
+            assert ours[key] == pytest.approx(theirs[key], abs=1e-6), (ours["epoch"], key)
