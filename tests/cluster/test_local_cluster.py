@@ -331,7 +331,8 @@ def test_worker_node_loss_during_training(cluster, tiny_bert, sentiment_csv, tmp
     assert {m["epoch"] for m in resumed} == set(range(start + 1, 17)), epochs  # the lost epochs, redone
     assert {m["epoch"] for m in metrics} == set(range(1, 17)), epochs  # nothing lost, none skipped
     assert (output / "model" / "manifest.json").is_file()
-    print(f"node loss: {node} killed after {manifest}; resumed from epoch {start}: {epochs}")
+    print(json.dumps({"drill": "node-loss-training", "node": node, "resumed_from_epoch": start,
+                      "epochs_after_loss": len({m["epoch"] for m in resumed}), "of_epochs": 16}))
 
 
 def test_down_leaves_no_process_of_its_own(cluster):
