@@ -69,70 +69,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 MR_DIR = Path("/work/shared/data/mr")
 CONTENDED_CORES = 0.2  # foreign CPU use (cores) in a timed epoch above which figures are flagged
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_accounting import cpu_snapshot, cpu_split, load_snapshot, report_clock  # noqa: E402
+
 
 def log(message: str) -> None:
     print(f"[train_throughput] {message}", file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------------------------ CPU accounting
-# The machine may be shared (other users' jobs), and Ray runs daemons beside its worker; a
-# snapshot at each window edge of every process's CPU time tells who used the cores.
-
-
-def cpu_snapshot(root_pid: int) -> dict[str, Any]:
-    """Wall time, machine-wide busy CPU-seconds, and CPU-seconds of every process by pid,
-    marking the descendants of `root_pid` (this benchmark's process tree, Ray included)."""
-    import psutil
-
-    with open("/proc/stat") as handle:
-        ticks = [int(v) for v in handle.readline().split()[1:]]
-    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
-    try:
-        ours = {root_pid} | {p.pid for p in psutil.Process(root_pid).children(recursive=True)}
-    except psutil.Error:
-        ours = {root_pid}
-    procs = {}
-    for proc in psutil.process_iter(["cmdline", "name"]):
-        try:
-            times = proc.cpu_times()
-            name = " ".join(proc.info["cmdline"] or []) or proc.info["name"] or ""
-            procs[proc.pid] = (name[:200], times.user + times.system, proc.pid in ours)
-        except psutil.Error:
-            continue
-    return {"time": time.time(), "busy": busy, "procs": procs}
-
-
-def _short(cmdline: str) -> str:
-    """`ray::SplitCoordinator`, `raylet`, `dashboard.py`: a readable process name."""
-    words = cmdline.split(" ")
-    word = next((w for w in words if w.endswith(".py")), words[0])
-    return word.rsplit("/", 1)[-1][:40]
-
-
-def cpu_split(before: dict[str, Any], after: dict[str, Any], trainer_pid: int | None) -> dict[str, float]:
-    """Average cores used between two snapshots: by the training process, by the rest of this
-    benchmark's process tree (Ray daemons and actors), and by everything else (foreign).
-    A process that exited in between is missed (its CPU lands in `foreign`); a process that
-    started in between is counted in full."""
-    wall = max(1e-9, after["time"] - before["time"])
-    train = ours = 0.0
-    others: list[tuple[float, str]] = []
-    for pid, (name, cpu, mine) in after["procs"].items():
-        used = cpu - before["procs"].get(pid, (name, 0.0, mine))[1]
-        if pid == trainer_pid:
-            train += used
-        elif mine and used > 0:
-            others.append((used, _short(name)))
-        if mine:
-            ours += used
-    total = after["busy"] - before["busy"]
-    return {
-        "window_s": round(wall, 2),
-        "train_cores": round(train / wall, 2),
-        "other_ours_cores": round((ours - train) / wall, 2),
-        "foreign_cores": round(max(0.0, total - ours) / wall, 2),
-        "top_other_ours": [[name, round(used / wall, 3)] for used, name in sorted(others, reverse=True)[:6]],
-    }
 
 
 # ------------------------------------------------------------------------------ data
@@ -287,41 +229,13 @@ def ray_tokens_per_sample(cfg: Any, datasets: Any) -> float:
     return padded_tokens_per_sample(backbone, batches, tcfg.max_length)
 
 
-def _report_clock(path: Path, root_pid: int) -> Any:
-    """A UserCallback that appends a CPU snapshot per reported epoch to `path`; it runs in
-    the Ray Train controller actor, on this machine, so a local file is how it hands back."""
-    import ray.train
-    from ray import cloudpickle
-
-    if __name__ != "__main__":  # imported, not run: ship this module's code to the controller
-        cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-    class ReportClock(ray.train.UserCallback):
-        def __init__(self, path: str, root_pid: int) -> None:
-            self.path, self.root_pid = path, root_pid
-
-        def after_report(self, run_context, metrics, checkpoint) -> None:  # noqa: ANN001
-            snap = cpu_snapshot(self.root_pid)
-            snap["epoch"] = int(metrics[0]["epoch"])
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(snap) + "\n")
-
-    return ReportClock(str(path), root_pid)
-
-
-def _load_snapshot(line: str) -> dict[str, Any]:
-    snap = json.loads(line)
-    snap["procs"] = {int(pid): tuple(value) for pid, value in snap["procs"].items()}
-    return snap
-
-
 def run_ray(cfg: Any, datasets: Any, storage: Path, round_no: int) -> dict[str, Any]:
     from tl_ray.train.driver import build_trainer
 
     clock_file = storage.parent / f"report-clock-{round_no}.jsonl"
     trainer = build_trainer(
         cfg, datasets, storage_path=str(storage), name=f"bench-{round_no}",
-        callbacks=[_report_clock(clock_file, os.getpid())],
+        callbacks=[report_clock(clock_file, os.getpid())],
     )
     fit_start = cpu_snapshot(os.getpid())
     started = time.perf_counter()
@@ -344,7 +258,7 @@ def run_ray(cfg: Any, datasets: Any, storage: Path, round_no: int) -> dict[str, 
     cpu: dict[str, Any] = {}
     report_gaps: list[float] = []
     if clock_file.is_file():
-        snaps = [fit_start] + [_load_snapshot(line) for line in clock_file.read_text().splitlines()]
+        snaps = [fit_start] + [load_snapshot(line) for line in clock_file.read_text().splitlines()]
         report_gaps = [round(b["time"] - a["time"], 2) for a, b in zip(snaps, snaps[1:])]
         before, after = snaps[-2], snaps[-1]
         workers = [
