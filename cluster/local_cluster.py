@@ -17,7 +17,7 @@ State (default ~/.tl-ray/local-cluster, or $TLRAY_CLUSTER_DIR):
                  separate disks (removed by `down`)
 
 Stdlib only, so it runs with any Python that can reach the `ray` executable (it loads
-tl_ray/io.py, itself stdlib only, by path). Linux (/proc).
+tl_ray/io.py and tl_ray/net.py, both stdlib only, by path). Linux (/proc).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -45,15 +44,16 @@ HEAD_PORTS = ("gcs", "dashboard", "client")
 NODE_PORTS = ("node_manager", "object_manager", "agent_http", "agent_grpc", "runtime_env", "metrics")
 
 
-def _load_io():
-    """tl_ray/io.py by path: atomic writes without importing the tl_ray package."""
-    spec = importlib.util.spec_from_file_location("tl_ray_io", Path(__file__).resolve().parents[1] / "tl_ray" / "io.py")
+def _load(name: str):
+    """tl_ray/<name>.py by path (io, net: stdlib only), without importing the tl_ray package."""
+    path = Path(__file__).resolve().parents[1] / "tl_ray" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"tl_ray_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-_io = _load_io()
+_io, _net = _load("io"), _load("net")
 
 
 def _die(message: str) -> None:
@@ -71,20 +71,6 @@ def _ray_exe() -> str:
     if not found:
         _die("no `ray` executable: install tl-ray (make setup) or set TLRAY_RAY")
     return found
-
-
-def _free_ports(count: int) -> list[int]:
-    """`count` distinct free TCP ports (held open together so none repeats)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            probe = socket.socket()
-            probe.bind(("127.0.0.1", 0))
-            sockets.append(probe)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for probe in sockets:
-            probe.close()
 
 
 def _environ(pid: int) -> bytes:
@@ -164,7 +150,7 @@ def up(opts: argparse.Namespace) -> None:
         token_path.write_text(secrets.token_hex(32), encoding="utf-8")
     token_path.chmod(0o600)
     names = ["head"] + [f"w{i}" for i in range(1, opts.workers + 1)]
-    flat = _free_ports(len(HEAD_PORTS) + len(NODE_PORTS) * len(names))
+    flat = _net.free_ports(len(HEAD_PORTS) + len(NODE_PORTS) * len(names))
     head_ports = dict(zip(HEAD_PORTS, flat[: len(HEAD_PORTS)]))
     cluster_id = uuid.uuid4().hex
     state = {
@@ -358,7 +344,7 @@ def start_node(opts: argparse.Namespace) -> None:
         _die(f"node {opts.name} is running; stop it first (`cluster/local.sh stop-node {opts.name}`)")
     _terminate(cluster_pids(state["cluster_id"], node=node["name"]), grace_s=5.0)
     node["restarts"] = node.get("restarts", 0) + 1
-    ports = dict(zip(NODE_PORTS, _free_ports(len(NODE_PORTS))))
+    ports = dict(zip(NODE_PORTS, _net.free_ports(len(NODE_PORTS))))
     temp = directory / "r" / f"{node['name']}.{node['restarts']}"  # not the dead node's sockets
     args = [f"--address={state['gcs_address']}", *_node_args(node["name"], node["cpus"], node["gpus"], temp, ports)]
     env = {**_cluster_env(state), NODE_MARKER: node["name"], NODE_CACHE_ENV: node["cache_dir"]}

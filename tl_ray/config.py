@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from tl_ray import unfreeze
-from tl_ray.errors import ConfigError
+from tl_ray.errors import ConfigError, brief, one_line, shown
 
 __all__ = [
     "BackboneConfig",
@@ -302,38 +302,6 @@ class RunConfig(_Strict):
         return self
 
 
-def brief(value: Any, limit: int = 80) -> str:
-    """repr(value) on one line, cut to about `limit` characters, for error messages.
-
-    >>> brief("x" * 100, limit=10)
-    "'xxxxxx..."
-    """
-    try:
-        text = repr(value)
-    except ValueError:  # an int past Python's int-to-string digit limit
-        text = f"<{type(value).__name__} too large to show>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def shown(name: object, limit: int = 80) -> str:
-    """A user-given name as it goes into a one-line message, inside quotes: as is when printable
-    and short, else with line breaks and control characters escaped, cut to `limit` characters.
-
-    >>> shown("train.lr"), shown("a\\nb")
-    ('train.lr', 'a\\\\nb')
-    """
-    text = str(name)
-    if not text.isprintable():
-        text = repr(text)[1:-1]
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    """The first line of `text`, cut to `limit` characters."""
-    line = (text.splitlines() or [""])[0]
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
 def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "config"
@@ -344,7 +312,7 @@ def _describe(error: ValidationError) -> str:
         return f"missing required key '{where}'"
     value = first.get("input")
     got = "" if isinstance(value, dict) else f" (got {brief(value)})"
-    return f"{where}: {_one_line(first['msg'])}{got}"
+    return f"{where}: {one_line(first['msg'])}{got}"
 
 
 def parse_config(raw: dict[str, Any]) -> RunConfig:
@@ -373,7 +341,7 @@ def parse_yaml(text: str) -> Any:
     try:
         return yaml.safe_load(text)
     except (ValueError, RecursionError) as error:
-        raise yaml.YAMLError(_one_line(str(error), 120)) from None
+        raise yaml.YAMLError(one_line(str(error), 120)) from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -398,7 +366,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node[parts[-1]] = parse_yaml(text) if text.strip() else None
         except yaml.YAMLError as error:
             raise ConfigError(f"--set {brief(key.strip())}: the value {brief(text)} is not valid YAML "
-                              f"({_one_line(str(error), 120)}); quote it if it is a string") from None
+                              f"({one_line(str(error), 120)}); quote it if it is a string") from None
     return result
 
 
@@ -410,7 +378,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     try:
         raw = parse_yaml(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path} is not valid YAML: {_one_line(str(error))}") from None
+        raise ConfigError(f"{path} is not valid YAML: {one_line(str(error))}") from None
     except OSError as error:
         raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from None
     if not isinstance(raw, dict):

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ["TLRayError", "ConfigError", "DataError", "BackboneError", "CheckpointError"]
+from typing import Any
+
+__all__ = [
+    "TLRayError", "ConfigError", "DataError", "BackboneError", "CheckpointError",
+    "brief", "one_line", "shown",
+]
 
 
 class TLRayError(Exception):
@@ -23,3 +28,37 @@ class BackboneError(TLRayError):
 
 class CheckpointError(TLRayError):
     """A checkpoint folder is missing files or was written by an incompatible version."""
+
+
+# Message helpers: how a user's value or name goes into a one-line error.
+
+def brief(value: Any, limit: int = 80) -> str:
+    """repr(value) on one line, cut to about `limit` characters, for error messages.
+
+    >>> brief("x" * 100, limit=10)
+    "'xxxxxx..."
+    """
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's int-to-string digit limit
+        text = f"<{type(value).__name__} too large to show>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def shown(name: object, limit: int = 80) -> str:
+    """A user-given name as it goes into a one-line message, inside quotes: as is when printable
+    and short, else with line breaks and control characters escaped, cut to `limit` characters.
+
+    >>> shown("train.lr"), shown("a\\nb")
+    ('train.lr', 'a\\\\nb')
+    """
+    text = str(name)
+    if not text.isprintable():
+        text = repr(text)[1:-1]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """The first line of `text`, cut to `limit` characters."""
+    line = (text.splitlines() or [""])[0]
+    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tl_ray.config import brief, shown
+from tl_ray.errors import brief, shown
 from tl_ray.errors import DataError
 from tl_ray.io import write_json_atomic
 

@@ -40,8 +40,8 @@ from typing import TYPE_CHECKING, Any, Iterable, get_args
 import yaml
 
 from tl_ray import unfreeze
-from tl_ray.config import RunConfig, apply_overrides, brief, parse_config, parse_yaml, shown
-from tl_ray.errors import ConfigError
+from tl_ray.config import RunConfig, apply_overrides, parse_config, parse_yaml
+from tl_ray.errors import ConfigError, brief, shown
 from tl_ray.search.space_values import (
     _check_path, _choice_key, _encode, _number, _plain, _structured, flatten, to_overrides,
 )

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from tl_ray.config import brief
+from tl_ray.errors import brief
 from tl_ray.errors import ConfigError
 
 __all__ = ["STRUCTURED", "flatten", "to_overrides"]
