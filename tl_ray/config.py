@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from tl_ray import unfreeze
-from tl_ray.errors import ConfigError, brief, one_line, shown
+from tl_ray.errors import ConfigError, brief, first_line, shown
 
 __all__ = [
     "BackboneConfig",
@@ -312,7 +312,7 @@ def _describe(error: ValidationError) -> str:
         return f"missing required key '{where}'"
     value = first.get("input")
     got = "" if isinstance(value, dict) else f" (got {brief(value)})"
-    return f"{where}: {one_line(first['msg'])}{got}"
+    return f"{where}: {first_line(first['msg'])}{got}"
 
 
 def parse_config(raw: dict[str, Any]) -> RunConfig:
@@ -341,7 +341,7 @@ def parse_yaml(text: str) -> Any:
     try:
         return yaml.safe_load(text)
     except (ValueError, RecursionError) as error:
-        raise yaml.YAMLError(one_line(str(error), 120)) from None
+        raise yaml.YAMLError(first_line(str(error), 120)) from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -366,7 +366,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node[parts[-1]] = parse_yaml(text) if text.strip() else None
         except yaml.YAMLError as error:
             raise ConfigError(f"--set {brief(key.strip())}: the value {brief(text)} is not valid YAML "
-                              f"({one_line(str(error), 120)}); quote it if it is a string") from None
+                              f"({first_line(str(error), 120)}); quote it if it is a string") from None
     return result
 
 
@@ -378,7 +378,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     try:
         raw = parse_yaml(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path} is not valid YAML: {one_line(str(error))}") from None
+        raise ConfigError(f"{path} is not valid YAML: {first_line(str(error))}") from None
     except OSError as error:
         raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from None
     if not isinstance(raw, dict):

@@ -6,7 +6,7 @@ from typing import Any
 
 __all__ = [
     "TLRayError", "ConfigError", "DataError", "BackboneError", "CheckpointError",
-    "brief", "one_line", "shown",
+    "brief", "first_line", "shown",
 ]
 
 
@@ -58,7 +58,7 @@ def shown(name: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def one_line(text: str, limit: int = 300) -> str:
+def first_line(text: str, limit: int = 300) -> str:
     """The first line of `text`, cut to `limit` characters."""
     line = (text.splitlines() or [""])[0]
     return line if len(line) <= limit else line[: limit - 3] + "..."
