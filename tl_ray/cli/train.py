@@ -28,8 +28,10 @@ def train(
     set_: list[str] = typer.Option([], "--set", help="Override a config key: key.path=value."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address; default: local."),
 ) -> None:
-    """Fine-tune a backbone with Ray Train and export the best checkpoint (Ctrl-C or SIGTERM
-    stops the run; its checkpoints stay)."""
+    """Fine-tune a backbone with Ray Train and export the best checkpoint.
+
+    Ctrl-C or SIGTERM stops the run; its checkpoints stay.
+    """
     from ray.exceptions import RayActorError
 
     from tl_ray.config import load_config
